@@ -192,6 +192,7 @@ class CheckpointInfo:
     bytes: int
     dtype: str
     layout: str
+    config: str | None = None  # path of the config.json read beside it, if any
 
 
 @dataclass

@@ -215,6 +215,21 @@ class Layout(Protocol):
         ...
 
 
+class Capturing(Protocol):
+    """Optional extra of a layout: pick a block's inputs out of a live forward call.
+
+    `xattn_doctor.capture_probe` hooks the module whose path is the block's name; layouts
+    whose module takes its inputs under other names implement this. Returns a dict with
+    `hidden_states`, `encoder_hidden_states` and optionally `encoder_attention_mask`
+    (True = may be attended to), or None to fall back to the generic guess.
+    """
+
+    def capture(self, spec: BlockSpec, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """The block's inputs in this call."""
+        ...
+
+
 CROSS_WORDS = re.compile(
     r"(cross|xattn|x_attn|encoder_attn|attn2|crossattention|enc_dec|context_attn|gated_x)",
     re.IGNORECASE)

@@ -1,0 +1,169 @@
+"""diffusers cross-attention: `attn2` of a `BasicTransformerBlock` (UNet2DConditionModel,
+Transformer2DModel, PixArtTransformer2DModel and the like).
+
+The block modelled is the transformer block's cross-attention sub-block:
+
+    y = x + to_out.0(attn(to_q(norm2(x)), to_k(norm_cross(c)), to_v(norm_cross(c))))
+
+`norm2` is a LayerNorm of the query stream at the transformer-block level (affine or not per
+`norm_elementwise_affine`); PixArt (`norm_type` "ada_norm_single") feeds `attn2` the raw
+hidden states and keeps its `norm2` for the MLP. `norm_cross` (on the context) and the qk
+norms `norm_q`/`norm_k` are optional parts of `Attention`. `attn1` is self-attention and is
+never reported here. SD3.5's dual-attention `attn2` (beside a joint `attn`) is self-attention.
+
+Heads: a UNet's `attention_head_dim` historically means the number of heads (when
+`num_attention_heads` is null), per down block, reversed for up blocks, last for the mid
+block; transformers' `num_attention_heads` means what it says.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any
+
+from xattn_doctor.layouts import register
+from xattn_doctor.layouts._base import (
+    BlockSpec, HeadsSource, KeyIndex, Linear, ModelConfig, Norm, common_prefix, join, linear,
+    norm, resolve_heads,
+)
+
+UNET_BLOCK = re.compile(r"(?:^|\.)(down_blocks|up_blocks)\.(\d+)\.|(?:^|\.)mid_block\.")
+LAYER_EPS = 1e-5  # nn.LayerNorm default; Attention's eps for norm_cross and qk-norms
+
+
+@register
+class DiffusersAttn2:
+    """`attn2` (to_q/to_k/to_v/to_out.0) with the transformer block's `norm2`."""
+
+    name = "diffusers_attn2"
+    priority = 55
+
+    def match(self, index: KeyIndex, config: ModelConfig) -> list[BlockSpec]:
+        """Every `attn2` module with separate to_q/to_k/to_v projections."""
+        found = []
+        for prefix in index.with_suffix("attn2.to_q.weight"):
+            spec = self._block(index, config, prefix.rstrip("."))
+            if spec is not None:
+                found.append(spec)
+        return found
+
+    def _block(self, index: KeyIndex, config: ModelConfig, block: str) -> BlockSpec | None:
+        attn = join(block, "attn2")
+        q, k, v = (linear(index, join(attn, f"to_{r}")) for r in "qkv")
+        if q is None or k is None or v is None:
+            return None
+        inner, query_dim = _shape(index, q)
+        kv_inner, context_dim = _shape(index, k)
+        if _shape(index, v)[1] != context_dim:
+            return None
+        heads, source = _heads(config, block, inner)
+        head_dim = inner // heads
+        if kv_inner % head_dim or heads % (kv_inner // head_dim):
+            return None
+        q_norm, k_norm = (norm(index, join(attn, n), eps=LAYER_EPS) for n in ("norm_q", "norm_k"))
+        query_norm, notes = _query_norm(index, config, block, query_dim)
+        context_norm = norm(index, join(attn, "norm_cross"), "layer", LAYER_EPS)
+        if context_norm is not None and config.get("cross_attention_norm") == "group_norm":
+            notes += ("norm_cross is a GroupNorm in the library; modelled as a LayerNorm.",)
+        if join(attn, "add_k_proj.weight") in index:
+            notes += ("The added key/value projections (add_k_proj/add_v_proj) are left out.",)
+        self_attn = join(block, "attn.add_k_proj.weight") in index
+        spec = BlockSpec(
+            name="", layout=self.name, heads=heads, kv_heads=kv_inner // head_dim,
+            head_dim=head_dim, query_dim=query_dim, context_dim=context_dim, q=q, k=k, v=v,
+            o=linear(index, join(attn, "to_out.0")), query_norm=query_norm,
+            context_norm=context_norm, q_norm=q_norm, k_norm=k_norm,
+            qk_norm_per_head=q_norm is None or q_norm.width == head_dim != inner,
+            residual=True, role="self" if self_attn else "cross", heads_source=source,
+            notes=notes,
+        )
+        return replace(spec, name=common_prefix(spec.keys()))
+
+    def capture(self, spec: BlockSpec, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """`Attention.forward(hidden_states, encoder_hidden_states, attention_mask)` inputs."""
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        c = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if x is None or c is None:
+            return None
+        out: dict[str, Any] = {"hidden_states": x, "encoder_hidden_states": c}
+        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        if mask is None:
+            mask = kwargs.get("encoder_attention_mask")
+        if mask is not None:
+            out["encoder_attention_mask"] = key_mask(mask)
+        return out
+
+
+def key_mask(mask: Any) -> Any:
+    """[B, Lk] bool from a diffusers mask: boolean/0-1 keep mask, or additive bias (0 = keep)."""
+    if mask.dtype.is_floating_point and bool((mask < 0).any()):
+        keep = mask > -1.0  # the UNet and PixArt turn masks into a (1 - m) * -10000 bias
+    else:
+        keep = mask.bool()
+    return keep.reshape(keep.shape[0], -1, keep.shape[-1]).all(1)
+
+
+def _shape(index: KeyIndex, lin: Linear) -> tuple[int, int]:
+    shape = index.shape(lin.weight.key)
+    assert shape is not None
+    return shape[0], shape[1]
+
+
+def _query_norm(index: KeyIndex, config: ModelConfig, block: str,
+                width: int) -> tuple[Norm | None, tuple[str, ...]]:
+    """norm2 as the cross-attention sub-block sees it, with notes on what is approximated."""
+    if config.get("norm_type") == "ada_norm_single":
+        return None, ()  # PixArt: attn2 gets the raw hidden states
+    eps = _norm_eps(config)
+    found = norm(index, join(block, "norm2"), "layer", eps)
+    if found is not None:
+        return (found, ()) if found.width == width else (None, ())
+    if index.under(join(block, "norm2.")):
+        return Norm("layer", width, eps=eps), (
+            "norm2 is timestep-conditioned (AdaLayerNorm) in the library; modelled as a plain "
+            "LayerNorm without its scale and shift.",)
+    if config.get("norm_type") == "layer_norm" and config.get("norm_elementwise_affine") is False:
+        return Norm("layer", width, eps=eps), ()
+    return None, ()
+
+
+def _norm_eps(config: ModelConfig) -> float:
+    """Transformer2DModel's `norm_eps`; a UNet's `norm_eps` is for its resnets, not norm2."""
+    if str(config.get("_class_name", default="")).startswith("UNet"):
+        return LAYER_EPS
+    eps = config.get("norm_eps")
+    return float(eps) if isinstance(eps, (int, float)) and eps > 0 else LAYER_EPS
+
+
+def _heads(config: ModelConfig, block: str, inner: int) -> tuple[int, HeadsSource]:
+    """Head count of the `attn2` under `block` from config.json, else the default."""
+    configured = _unet_heads(config, block)
+    if configured is None and not config.get("down_block_types"):
+        configured = config.get_int("num_attention_heads")
+        if configured is None and isinstance(config.get("attention_head_dim"), int):
+            configured = _as_heads(inner, config.get("attention_head_dim"))
+    return resolve_heads(inner, config_heads=configured)
+
+
+def _unet_heads(config: ModelConfig, block: str) -> int | None:
+    """UNet2DConditionModel: per-block heads from num_attention_heads or attention_head_dim."""
+    downs = config.get("down_block_types")
+    m = UNET_BLOCK.search(block)
+    if not isinstance(downs, list) or m is None:
+        return None
+    value = config.get("num_attention_heads") or config.get("attention_head_dim")
+    per_block = [value] * len(downs) if isinstance(value, int) else value
+    if not isinstance(per_block, list) or len(per_block) != len(downs) or not per_block:
+        return None
+    kind, i = m.group(1), int(m.group(2) or 0)
+    chosen = per_block[-1] if kind is None else per_block[i] if kind == "down_blocks" \
+        else per_block[::-1][i] if i < len(per_block) else None
+    return chosen if isinstance(chosen, int) and chosen > 0 else None
+
+
+def _as_heads(inner: int, head_dim: Any) -> int | None:
+    """Heads from a true per-head width."""
+    return inner // head_dim if isinstance(head_dim, int) and head_dim > 0 and \
+        inner % head_dim == 0 else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -190,9 +191,9 @@ def _logit_max(path: Path) -> dict[str, float]:
     return out
 
 
-def test_injected_qk_norm_gain_raises_logits_of_that_layer_only(saved: Path,
+def test_injected_qk_norm_gain_raises_logits_of_that_layer_only(model: Any, saved: Path,
                                                                 tmp_path: Path) -> None:
-    model = _model()
+    model = copy.deepcopy(model)
     with torch.no_grad():
         attn = model.model.language_model.layers[3].cross_attn
         attn.q_norm.weight.mul_(30.0)  # q_proj alone would be normalised away by q_norm
@@ -204,8 +205,8 @@ def test_injected_qk_norm_gain_raises_logits_of_that_layer_only(saved: Path,
     assert after[one] == pytest.approx(before[one], rel=1e-5)
 
 
-def test_saturated_gate_and_nan_show_on_their_layer(tmp_path: Path) -> None:
-    model = _model()
+def test_saturated_gate_and_nan_show_on_their_layer(model: Any, tmp_path: Path) -> None:
+    model = copy.deepcopy(model)
     with torch.no_grad():
         model.model.language_model.layers[1].cross_attn_attn_gate.fill_(20.0)
         model.model.language_model.layers[3].cross_attn.v_proj.weight[0, 0] = float("nan")
@@ -220,8 +221,8 @@ def test_saturated_gate_and_nan_show_on_their_layer(tmp_path: Path) -> None:
         assert torch.isfinite(one(x, c)).all() and not torch.isfinite(three(x, c)).all()
 
 
-def test_bfloat16_checkpoint(tmp_path: Path) -> None:
-    _model().to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="100KB")
+def test_bfloat16_checkpoint(model: Any, tmp_path: Path) -> None:
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="100KB")
     ckpt = open_checkpoint(tmp_path)
     assert ckpt.dtype == "bfloat16"
     det = detect(ckpt.index, ckpt.config)

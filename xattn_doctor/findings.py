@@ -133,6 +133,8 @@ class Metrics:
     nonfinite: dict[str, int] = field(default_factory=dict)
     spectral_max_logit: float | None = None
     spectral_bound_source: str | None = None
+    gate_abs_max: float | None = None
+    weight_norms: dict[str, float] = field(default_factory=dict)
     temperature: float | None = None
     output_rms: float | None = None
     backward_queries: int | None = None

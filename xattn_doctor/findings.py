@@ -49,7 +49,7 @@ class Symptom(str, Enum):
         return list(Symptom).index(self) + 1
 
     @property
-    def title(self) -> str:
+    def heading(self) -> str:
         """Human heading, e.g. 'Gradient explosion'."""
         return self.value.replace("_", " ").capitalize()
 

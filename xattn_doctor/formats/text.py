@@ -89,7 +89,7 @@ def _findings(con: Console, findings: list[Finding]) -> None:
         group = [f for f in findings if f.symptom is symptom]
         if not group:
             continue
-        con.print(f"\n[bold]{symptom.title}[/]")
+        con.print(f"\n[bold]{symptom.heading}[/]")
         for f in group:
             con.print(f"  [{STYLE[f.severity]}]{f.severity.value:7}[/] {f.code} "
                       f"{f.block or '<checkpoint>'}: {f.message}")

@@ -100,6 +100,8 @@ def series(metric: str, values: Sequence[float | None], *, name: str = L3,
     paths = paths or [f"runs/ckpt-{1000 * (i + 1)}/model.safetensors" for i in range(len(values))]
     out = []
     for path, value in zip(paths, values):
-        blocks = [block(name, **{metric: value}), block(L8, max_logit=10.0, gate=0.1)]
+        watched = block(name)
+        setattr(watched.metrics, metric, value)
+        blocks = [watched, block(L8, max_logit=10.0, gate=0.1)]
         out.append(report(path, blocks=blocks, thresholds=thresholds))
     return out

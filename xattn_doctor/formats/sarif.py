@@ -67,7 +67,7 @@ def _homepage() -> str | None:
         urls = metadata("xattn-doctor").get_all("Project-URL") or []
     except PackageNotFoundError:
         return None
-    for entry in urls:
+    for entry in map(str, urls):
         label, _, url = entry.partition(",")
         if label.strip().lower() in {"homepage", "repository", "source"} and url.strip():
             return url.strip()

@@ -20,7 +20,8 @@ CLIP_REMEDY = Remedy(
     references=("https://arxiv.org/abs/2302.05442",),
     code_change="q = self.q_norm(q)\nk = self.k_norm(k)",
 )
-DROPOUT_REMEDY = Remedy(summary="Add attention dropout.", config={"cross_attention": {"dropout": 0.1}})
+DROPOUT_REMEDY = Remedy(summary="Add attention dropout.",
+                        config={"cross_attention": {"dropout": 0.1}})
 PLAIN_REMEDY = Remedy(summary="Feed real features with --probe.")
 
 

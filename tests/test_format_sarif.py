@@ -1,4 +1,4 @@
-"""SARIF output: valid against the official 2.1.0 schema, rules from the registry, stable fingerprints."""
+"""SARIF output: valid against the 2.1.0 schema, rules from the registry, stable fingerprints."""
 
 from __future__ import annotations
 

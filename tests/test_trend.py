@@ -117,6 +117,8 @@ def test_thresholds_come_from_the_last_report() -> None:
 def test_explicit_thresholds_override_the_reports() -> None:
     reports = series("max_logit", [20.0, 25.0, 30.0], thresholds={"XD101": {"warn": 35.0}})
     assert trend_findings(reports, {"XD101": {"warn": 28.0}}) == []
+    (kept,) = trend_findings(reports, {"XD101": {"error": 100.0}})  # warn from the report
+    assert kept.evidence["threshold"] == 35.0
     assert trend_findings(reports, {"XD105": {"min_checkpoints": 4}}) == []
     assert trend_findings(reports, disabled=frozenset({"XD105"})) == []
     (f,) = trend_findings(series("max_logit", [10.0, 20.0]), {"XD105": {"min_checkpoints": 2}})

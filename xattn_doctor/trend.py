@@ -102,7 +102,7 @@ def trend_findings(reports: Sequence[Report], thresholds: Thresholds | None = No
     """
     if len(reports) < 2:
         return []
-    effective = {**reports[-1].thresholds, **(thresholds or {})}
+    effective = merge_thresholds(reports[-1].thresholds, thresholds or {})
     rules = [r for r in all_rules() if isinstance(r, SeriesRule) and r.code not in disabled]
     steps = checkpoint_steps(reports)
     out: list[Finding] = []
@@ -112,6 +112,11 @@ def trend_findings(reports: Sequence[Report], thresholds: Thresholds | None = No
             if finding is not None:
                 out.append(finding)
     return out
+
+
+def merge_thresholds(base: Thresholds, over: Thresholds) -> dict[str, dict[str, Any]]:
+    """`base` with `over`'s options laid on top, rule by rule."""
+    return {code: {**base.get(code, {}), **over.get(code, {})} for code in {*base, *over}}
 
 
 def _threshold(rule: SeriesRule, effective: Thresholds) -> float:

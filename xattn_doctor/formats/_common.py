@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path, PureWindowsPath
 from typing import Any
@@ -24,7 +23,7 @@ def artifact_path(report: Report) -> str:
     path = Path(posix)
     if path.is_absolute():
         try:
-            return path.relative_to(Path(os.getcwd())).as_posix()
+            return path.relative_to(Path.cwd()).as_posix()
         except ValueError:
             return path.as_posix()
     return path.as_posix()

@@ -127,7 +127,7 @@ def _result(report: Report, finding: Finding, index: dict[str, int]) -> dict[str
 
 def message_text(finding: Finding) -> str:
     """The finding's message with its block and scalar evidence."""
-    scalars = {k: v for k, v in finding.evidence.items() if not isinstance(v, (list, dict))}
+    scalars = {k: v for k, v in finding.evidence.items() if not isinstance(v, (list, tuple, dict))}
     text = f"{finding.block}: {finding.message}" if finding.block else finding.message
     return f"{text} ({evidence_text(scalars)})" if scalars else text
 

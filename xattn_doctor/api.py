@@ -28,7 +28,13 @@ def diagnose(paths: Sequence[str | Path], probe: str | Path | None = None,
     """Diagnose each checkpoint in turn with one probe; returns one Report per checkpoint."""
     opts = options or Options()
     loaded = load_probe(Path(probe), opts.seed) if probe is not None else None
-    return [diagnose_one(Path(p), loaded, opts, progress) for p in paths]
+    reports = [diagnose_one(Path(p), loaded, opts, progress) for p in paths]
+    if len(reports) > 1:
+        from xattn_doctor.trend import trend_findings
+
+        reports[-1].findings.extend(trend_findings(reports, opts.effective_thresholds(),
+                                                   opts.disabled))
+    return reports
 
 
 def diagnose_one(path: Path, probe: Probe | None, opts: Options,

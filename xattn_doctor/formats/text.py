@@ -135,10 +135,8 @@ def _remedies(con: Console, findings: list[Finding]) -> None:
 
 
 def _trends(con: Console, reports: list[Report]) -> None:
-    try:
-        from xattn_doctor.trend import trend_table
-    except ImportError:
-        return
+    from xattn_doctor.trend import TREND_METRICS, trend_table
+
     rows = trend_table(reports)
     if not rows:
         return
@@ -148,6 +146,8 @@ def _trends(con: Console, reports: list[Report]) -> None:
     for r in reports:
         t.add_column(r.checkpoint.path.rsplit("/", 1)[-1], overflow="fold")
     for row in rows:
-        for metric, values in row.series.items():
-            t.add_row(row.block, metric, *[num(v) for v in values])
+        for metric in TREND_METRICS:
+            values = row.series(metric)
+            if any(v is not None for v in values):
+                t.add_row(row.block, metric, *[num(v) for v in values])
     con.print(t)

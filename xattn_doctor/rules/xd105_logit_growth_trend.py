@@ -43,7 +43,7 @@ class XD105(SeriesRule):
     summary = "max logit rises at every checkpoint toward XD101's threshold"
     metric = "max_logit"
     direction = "rising"
-    watches = ("XD101", "warn")
+    watches = ("XD101", "warn_at")
     fallback_threshold = 50.0
     references = _REFS
     remedy = Remedy(

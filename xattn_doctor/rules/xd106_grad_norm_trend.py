@@ -16,7 +16,7 @@ _REFS = (
 class XD106(SeriesRule):
     """The block's gradient norm on the probe rose at every one of the last checkpoints.
 
-    It is still below the explosion threshold (100 by default), but a straight line
+    It is still below XD102's warning threshold (10 by default), but a straight line
     through the series crosses it soon; the finding gives where.
 
     Why:
@@ -43,8 +43,8 @@ class XD106(SeriesRule):
     summary = "gradient norm rises at every checkpoint toward the explosion threshold"
     metric = "grad_norm"
     direction = "rising"
-    watches = ("XD102", "max_grad_norm")
-    fallback_threshold = 100.0
+    watches = ("XD102", "warn_at")
+    fallback_threshold = 10.0
     references = _REFS
     remedy = Remedy(
         summary="Clip gradients (cross-attention separately, tighter) and lengthen warmup.",

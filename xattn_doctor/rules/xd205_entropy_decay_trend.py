@@ -37,7 +37,7 @@ class XD205(SeriesRule):
     summary = "lowest head entropy falls at every checkpoint toward collapse"
     metric = "entropy_min_head"
     direction = "falling"
-    watches = ("XD201", "min_entropy")
+    watches = ("XD201", "nats")
     fallback_threshold = 0.5
     references = _REFS
     remedy = Remedy(

@@ -38,7 +38,7 @@ class XD405(SeriesRule):
     metric = "gate"
     direction = "rising"
     magnitude = True
-    watches = ("XD401", "saturation")
+    watches = ("XD402", "above")
     fallback_threshold = 0.99
     references = _REFS
     remedy = Remedy(

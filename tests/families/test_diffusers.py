@@ -18,6 +18,7 @@ from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 from xattn_doctor.attention import RebuiltBlock  # noqa: E402
 from xattn_doctor.checkpoint import open_checkpoint  # noqa: E402
 from xattn_doctor.layouts import all_layouts, detect  # noqa: E402
+from xattn_doctor.layouts._nocross import explain_no_blocks  # noqa: E402
 
 pytestmark = pytest.mark.family
 
@@ -275,3 +276,38 @@ def test_sd3_dual_attention_attn2_is_self_attention(tmp_path: Path) -> None:
     assert not any("attn2" in b.name for b in det.blocks)
     assert any(s["name"].endswith("attn2") and s["layout"] == "diffusers_attn2"
                for s in det.skipped)
+    assert {s["name"] for s in det.skipped if s["layout"] == "diffusers_joint"} == {
+        "transformer_blocks.0.attn", "transformer_blocks.1.attn"}
+    message = explain_no_blocks(ckpt.index, ckpt.config, det.tried)
+    assert message.startswith("no cross-attention: this is a Stable Diffusion 3")
+
+
+def test_flux_joint_attention_is_not_cross_attention(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4)).save_pretrained(tmp_path)
+    ckpt = open_checkpoint(tmp_path)
+    det = detect(ckpt.index, ckpt.config)
+    assert det.blocks == []
+    assert {s["name"] for s in det.skipped} == {"transformer_blocks.0.attn",
+                                                "single_transformer_blocks.0.attn"}
+    assert "Flux" in explain_no_blocks(ckpt.index, ckpt.config, det.tried)
+
+
+def test_diagnose_end_to_end_flags_the_scaled_block(unet: Any, tmp_path: Path) -> None:
+    from xattn_doctor.api import diagnose
+
+    unet = copy.deepcopy(unet)
+    target = "up_blocks.1.attentions.0.transformer_blocks.0"
+    with torch.no_grad():
+        attn = unet.get_submodule(f"{target}.attn2")
+        attn.to_q.weight.mul_(30.0)
+        attn.to_k.weight.mul_(30.0)
+    unet.save_pretrained(tmp_path)
+    (report,) = diagnose([tmp_path])
+    assert report.checkpoint.layout == "diffusers_attn2"
+    assert {b.name for b in report.blocks} == set(UNET_HEADS)
+    assert {b.name: b.heads for b in report.blocks} == {k: v[0] for k, v in UNET_HEADS.items()}
+    assert {f.block for f in report.findings if f.code == "XD101"} == {target}

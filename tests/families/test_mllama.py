@@ -228,3 +228,25 @@ def test_bfloat16_checkpoint(model: Any, tmp_path: Path) -> None:
     det = detect(ckpt.index, ckpt.config)
     assert [b.name for b in det.blocks] == [SAVED.format(i) for i in CROSS_LAYERS]
     assert ckpt.dtype_of(det.blocks[0].q.weight.key) == "bfloat16"
+
+
+def test_diagnose_end_to_end_flags_the_right_layers(model: Any, tmp_path: Path) -> None:
+    from xattn_doctor.api import diagnose
+
+    model = copy.deepcopy(model)
+    layers = model.model.language_model.layers
+    with torch.no_grad():
+        layers[3].cross_attn.q_norm.weight.mul_(30.0)
+        layers[3].cross_attn.k_norm.weight.mul_(30.0)
+        layers[1].cross_attn_attn_gate.fill_(20.0)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    (report,) = diagnose([tmp_path])
+    assert report.checkpoint.layout == "mllama"
+    assert [b.name for b in report.blocks] == [SAVED.format(i) for i in CROSS_LAYERS]
+    by_code: dict[str, set[str | None]] = {}
+    for f in report.findings:
+        by_code.setdefault(f.code, set()).add(f.block)
+    assert by_code.get("XD101") == {SAVED.format(3)}
+    assert by_code.get("XD402") == {SAVED.format(1)}
+    gates = {b.name: b.metrics.gate for b in report.blocks}
+    assert gates[SAVED.format(1)] == pytest.approx(1.0)

@@ -95,3 +95,16 @@ def test_cross_attention_keys_are_not_explained_away() -> None:
                       "layers.0.cross_attn.wq.weight": (32, 32)})
     assert explain_no_blocks(index, ModelConfig(), []).startswith(
         "no cross-attention block recognised")
+
+
+def test_cli_exits_2_with_one_line_naming_the_family(tmp_path: Path) -> None:
+    typer_testing = pytest.importorskip("typer.testing", reason="the CLI is built with typer")
+    from xattn_doctor.cli import app
+
+    torch.manual_seed(0)
+    _llava().save_pretrained(tmp_path)
+    result = typer_testing.CliRunner().invoke(app, ["diagnose", str(tmp_path)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no cross-attention" in lines[0] and "LLaVA" in lines[0]
+    assert str(tmp_path) in lines[0]

@@ -38,6 +38,15 @@ ARCH_PREFIXES = {
     "MiniCPMV": "MiniCPM-V", "Molmo": "Molmo", "Chameleon": "Chameleon", "Janus": "Janus",
     "Glm4v": "GLM-4V", "Llama4ForConditional": "Llama 4",
 }
+# diffusers transformers (config `_class_name`) with joint attention instead of cross-attention.
+JOINT_CLASSES = {
+    "SD3Transformer2DModel": "Stable Diffusion 3", "FluxTransformer2DModel": "Flux",
+    "ChromaTransformer2DModel": "Chroma", "HunyuanVideoTransformer3DModel": "HunyuanVideo",
+}
+CONCAT = ("a vision-language model that projects image features into the text sequence and "
+          "reads them with ordinary self-attention")
+JOINT = ("a diffusion transformer whose joint (MMDiT) attention reads text and image tokens "
+         "as one sequence")
 # Families that do have cross-attention: never explained away as concatenation models.
 CROSS_TYPES = {"mllama", "idefics", "flamingo", "openflamingo", "blip-2", "blip_2",
                "instructblip", "instructblipvideo", "kosmos-2", "whisper", "t5", "bart",
@@ -50,21 +59,24 @@ PROJECTOR_KEYS = {
     "visual.merger.": "a Qwen-VL-style", "connector.modality_projection.": "an Idefics3-style",
 }
 CROSS_HINTS = ("cross", "attn2", "encoder_attn", "xattn", "gated_x")
-POINT_AT = ("If your checkpoint does have a cross-attention block under another name, point "
-            "the tool at it: list its module prefix under `blocks.include` in the --config file "
-            "(its q/k/v projections must be separate linears or a packed in_proj_weight), or "
-            "pass --heads N when the head count cannot be read.")
+POINT_AT = ("To diagnose a cross-attention block the tool missed, keep it under a recognised "
+            "name (a module called cross_attn, attn2, encoder_attn or crossattention holding "
+            "q_proj/k_proj/v_proj, to_q/to_k/to_v, query/key/value or a packed "
+            "in_proj_weight), select it with `blocks.include` in the --config file and give "
+            "--heads N if config.json does not say; see README 'A model the tool does not "
+            "recognise'.")
 
 
 def explain_no_blocks(index: KeyIndex, config: ModelConfig, tried: Iterable[str]) -> str:
     """The one-line reason no cross-attention block was found, naming the model family."""
     layouts = ", ".join(tried) or "none"
-    family = _concat_family(index, config)
+    joint = JOINT_CLASSES.get(str(config.data.get("_class_name")))
+    family = f"a {joint} ({config.data['_class_name']})" if joint else \
+        _concat_family(index, config)
     if family is not None:
-        return (f"no cross-attention: this is {family} checkpoint, a vision-language model that "
-                "projects image features into the text sequence and reads them with ordinary "
-                "self-attention, so there is no cross-attention block to diagnose (layouts "
-                f"tried: {layouts}). {POINT_AT}")
+        return (f"no cross-attention: this is {family} checkpoint, {JOINT if joint else CONCAT}, "
+                "so there is no cross-attention block to diagnose (layouts tried: "
+                f"{layouts}). {POINT_AT}")
     return (f"no cross-attention block recognised (layouts tried: {layouts}); self-attention "
             f"blocks are never diagnosed. {POINT_AT}")
 

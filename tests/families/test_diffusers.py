@@ -311,3 +311,51 @@ def test_diagnose_end_to_end_flags_the_scaled_block(unet: Any, tmp_path: Path) -
     assert {b.name for b in report.blocks} == set(UNET_HEADS)
     assert {b.name: b.heads for b in report.blocks} == {k: v[0] for k, v in UNET_HEADS.items()}
     assert {f.block for f in report.findings if f.code == "XD101"} == {target}
+
+
+@pytest.mark.parametrize("which", ["unet", "pixart"])
+def test_capture_points_reproduce_the_library_sub_block(which: str, unet: Any, unet_dir: Path,
+                                                        pixart: Any, pixart_dir: Path) -> None:
+    """What xattn_doctor.capture_probe does: hook the layout's capture modules (the query
+    stream enters norm2, the context attn2), merge what capture() picks from each call."""
+    from xattn_doctor.layouts._livepath import live_path
+
+    model, saved = (unet, unet_dir) if which == "unet" else (pixart, pixart_dir)
+    ckpt = open_checkpoint(saved)
+    layout = next(lay for lay in all_layouts() if lay.name == "diffusers_attn2")
+    specs = detect(ckpt.index, ckpt.config).blocks
+    got: dict[str, dict[str, Any]] = {s.name: {} for s in specs}
+    outs: dict[str, Any] = {}
+    hooks = []
+    for spec in specs:
+        for point in layout.capture_modules(spec):  # type: ignore[attr-defined]
+            mod = model.get_submodule(live_path(model, spec, point))
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, a, kw, s=spec: got[s.name].update(layout.capture(s, a, kw) or {}),  # type: ignore[attr-defined]
+                with_kwargs=True))
+        attn = spec.name if spec.name.endswith("attn2") else f"{spec.name}.attn2"
+        hooks.append(model.get_submodule(attn).register_forward_hook(
+            lambda m, a, out, n=spec.name: outs.__setitem__(n, out)))
+    gen = torch.Generator().manual_seed(4)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1, 2:] = False
+    text = torch.randn(2, 5, CONTEXT, generator=gen)
+    try:
+        with torch.no_grad():
+            if which == "unet":
+                model(torch.randn(2, 4, 4, 4, generator=gen), 10, encoder_hidden_states=text,
+                      encoder_attention_mask=keep.long())
+            else:
+                model(torch.randn(2, 4, 8, 8, generator=gen), encoder_hidden_states=text,
+                      encoder_attention_mask=keep.long(), timestep=torch.tensor([3, 7]),
+                      added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    finally:
+        for h in hooks:
+            h.remove()
+    for spec in specs:
+        inputs = got[spec.name]
+        assert torch.equal(inputs["encoder_attention_mask"], keep)
+        x = inputs["hidden_states"]
+        with torch.no_grad():
+            y = _rebuild(ckpt, spec)(x, inputs["encoder_hidden_states"], keep)
+        assert torch.allclose(y, x + outs[spec.name], atol=1e-4), spec.name

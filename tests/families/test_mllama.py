@@ -250,3 +250,38 @@ def test_diagnose_end_to_end_flags_the_right_layers(model: Any, tmp_path: Path) 
     assert by_code.get("XD402") == {SAVED.format(1)}
     gates = {b.name: b.metrics.gate for b in report.blocks}
     assert gates[SAVED.format(1)] == pytest.approx(1.0)
+
+
+def test_capture_through_live_path_reproduces_the_library_block(model: Any, saved: Path) -> None:
+    """What xattn_doctor.capture_probe does: map the saved name to the live module, hook it,
+    let the layout pick the inputs; the rebuilt block then gives the library's output."""
+    from xattn_doctor.layouts._livepath import live_path
+
+    ckpt = open_checkpoint(saved)
+    spec = next(b for b in detect(ckpt.index, ckpt.config).blocks if b.name == SAVED.format(3))
+    layout = next(lay for lay in all_layouts() if lay.name == "mllama")
+    path = live_path(model, spec)
+    assert path == "model.language_model.layers.3"
+    got: dict[str, Any] = {}
+    seen: dict[str, Any] = {}
+    live = model.get_submodule(path)
+    hooks = [live.register_forward_pre_hook(
+        lambda m, a, kw: got.update(layout.capture(spec, a, kw) or {}), with_kwargs=True),  # type: ignore[attr-defined]
+        live.cross_attn.register_forward_hook(lambda m, a, out: seen.update(out=out[0]))]
+    gen = torch.Generator().manual_seed(9)
+    patches = model.model.vision_model.num_patches
+    xmask = torch.ones(1, 4, 1, 2, dtype=torch.long)
+    xmask[0, :, :, 1] = 0
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 99, (1, 4), generator=gen),
+                  cross_attention_states=torch.randn(1, 2 * patches, 32, generator=gen),
+                  cross_attention_mask=xmask)
+    finally:
+        for h in hooks:
+            h.remove()
+    blk = _rebuild(ckpt, spec)
+    x = got["hidden_states"]
+    with torch.no_grad():
+        y = blk(x, got["encoder_hidden_states"], got["encoder_attention_mask"])
+    assert torch.allclose(y, x + live.cross_attn_attn_gate.tanh() * seen["out"], atol=1e-4)

@@ -25,7 +25,7 @@ from typing import Any
 from xattn_doctor.layouts import register
 from xattn_doctor.layouts._base import (
     BlockSpec, HeadsSource, KeyIndex, Linear, ModelConfig, Norm, common_prefix, join, linear,
-    norm, resolve_heads,
+    norm, parent, resolve_heads,
 )
 
 UNET_BLOCK = re.compile(r"(?:^|\.)(down_blocks|up_blocks)\.(\d+)\.|(?:^|\.)mid_block\.")
@@ -80,17 +80,28 @@ class DiffusersAttn2:
         )
         return replace(spec, name=common_prefix(spec.keys()))
 
+    def capture_modules(self, spec: BlockSpec) -> tuple[str, ...]:
+        """Modules to hook (saved-key paths): the query stream enters `norm2`, the context `attn2`.
+
+        Hooked whole, a transformer block would show `attn1`'s input; the cross-attention
+        sub-block's query stream is what enters `norm2` (PixArt, without one: `attn2`).
+        """
+        attn = spec.name if spec.name.endswith("attn2") else join(spec.name, "attn2")
+        return (attn,) if spec.query_norm is None else (join(parent(attn), "norm2"), attn)
+
     def capture(self, spec: BlockSpec, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> dict[str, Any] | None:
-        """`Attention.forward(hidden_states, encoder_hidden_states, attention_mask)` inputs."""
+        """What one hooked call saw: `norm2(x[, timestep])` gives the query stream,
+        `attn2(hidden_states, encoder_hidden_states, attention_mask)` the context and mask
+        (and the query stream when there is no `norm2`)."""
         x = kwargs.get("hidden_states", args[0] if args else None)
         c = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        if x is None or c is None:
-            return None
-        out: dict[str, Any] = {"hidden_states": x, "encoder_hidden_states": c}
+        if getattr(c, "ndim", 0) != 3:  # a norm2 call (its second argument: a timestep)
+            return {"hidden_states": x} if x is not None else None
+        out: dict[str, Any] = {"encoder_hidden_states": c}
+        if spec.query_norm is None:
+            out["hidden_states"] = x
         mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-        if mask is None:
-            mask = kwargs.get("encoder_attention_mask")
         if mask is not None:
             out["encoder_attention_mask"] = key_mask(mask)
         return out
@@ -102,7 +113,7 @@ def key_mask(mask: Any) -> Any:
         keep = mask > -1.0  # the UNet and PixArt turn masks into a (1 - m) * -10000 bias
     else:
         keep = mask.bool()
-    return keep.reshape(keep.shape[0], -1, keep.shape[-1]).all(1)
+    return keep.reshape(keep.shape[0], -1, keep.shape[-1]).any(1)
 
 
 def _shape(index: KeyIndex, lin: Linear) -> tuple[int, int]:

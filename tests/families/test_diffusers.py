@@ -13,12 +13,12 @@ torch = pytest.importorskip("torch", reason="the diffusers family tests build mo
 diffusers = pytest.importorskip(
     "diffusers", reason="the diffusers family tests build UNet2DConditionModel and PixArt")
 
-from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor
 
-from xattn_doctor.attention import RebuiltBlock  # noqa: E402
-from xattn_doctor.checkpoint import open_checkpoint  # noqa: E402
-from xattn_doctor.layouts import all_layouts, detect  # noqa: E402
-from xattn_doctor.layouts._nocross import explain_no_blocks  # noqa: E402
+from xattn_doctor.attention import RebuiltBlock
+from xattn_doctor.checkpoint import open_checkpoint
+from xattn_doctor.layouts import all_layouts, detect
+from xattn_doctor.layouts._nocross import explain_no_blocks
 
 pytestmark = pytest.mark.family
 

@@ -12,10 +12,10 @@ torch = pytest.importorskip("torch", reason="the mllama family tests build model
 transformers = pytest.importorskip(
     "transformers", reason="the mllama family tests build MllamaForConditionalGeneration")
 
-from xattn_doctor.attention import RebuiltBlock  # noqa: E402
-from xattn_doctor.checkpoint import open_checkpoint  # noqa: E402
-from xattn_doctor.layouts import all_layouts, detect  # noqa: E402
-from xattn_doctor.layouts.mllama import key_mask  # noqa: E402
+from xattn_doctor.attention import RebuiltBlock
+from xattn_doctor.checkpoint import open_checkpoint
+from xattn_doctor.layouts import all_layouts, detect
+from xattn_doctor.layouts.mllama import key_mask
 
 pytestmark = pytest.mark.family
 

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch", reason="the VLM family tests build models w
 transformers = pytest.importorskip(
     "transformers", reason="the VLM family tests build LLaVA and Qwen2-VL with transformers")
 
-from xattn_doctor.checkpoint import open_checkpoint  # noqa: E402
-from xattn_doctor.layouts import KeyIndex, ModelConfig, detect  # noqa: E402
-from xattn_doctor.layouts._nocross import explain_no_blocks  # noqa: E402
+from xattn_doctor.checkpoint import open_checkpoint
+from xattn_doctor.layouts import KeyIndex, ModelConfig, detect
+from xattn_doctor.layouts._nocross import explain_no_blocks
 
 pytestmark = pytest.mark.family
 

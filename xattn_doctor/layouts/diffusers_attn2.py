@@ -30,6 +30,8 @@ from xattn_doctor.layouts._base import (
 
 UNET_BLOCK = re.compile(r"(?:^|\.)(down_blocks|up_blocks)\.(\d+)\.|(?:^|\.)mid_block\.")
 LAYER_EPS = 1e-5  # nn.LayerNorm default; Attention's eps for norm_cross and qk-norms
+ADA_NOTE = ("norm2 is timestep-conditioned (AdaLayerNorm) in the library; modelled as a plain "
+            "LayerNorm without its scale and shift.")
 
 
 @register
@@ -132,9 +134,7 @@ def _query_norm(index: KeyIndex, config: ModelConfig, block: str,
     if found is not None:
         return (found, ()) if found.width == width else (None, ())
     if index.under(join(block, "norm2.")):
-        return Norm("layer", width, eps=eps), (
-            "norm2 is timestep-conditioned (AdaLayerNorm) in the library; modelled as a plain "
-            "LayerNorm without its scale and shift.",)
+        return Norm("layer", width, eps=eps), (ADA_NOTE,)
     if config.get("norm_type") == "layer_norm" and config.get("norm_elementwise_affine") is False:
         return Norm("layer", width, eps=eps), ()
     return None, ()

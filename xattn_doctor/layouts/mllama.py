@@ -29,13 +29,12 @@ from xattn_doctor.layouts._base import (
 GATE = "cross_attn_attn_gate"
 MLP_GATE = "cross_attn_mlp_gate"
 DEFAULT_EPS = 1e-5  # MllamaTextConfig.rms_norm_eps
-NOTES = (
-    "The layer's MLP is gated separately by tanh(cross_attn_mlp_gate); it is not part of this "
-    "block's output.",
-    "Llama 3.2 Vision masks per text token (cross_attention_mask [B, Lq, images, tiles]); a "
-    "probe mask is per key. Text rows that may see no image get uniform attention from the "
-    "library and a zeroed MLP output.",
-)
+MLP_NOTE = ("The layer's MLP is gated separately by tanh(cross_attn_mlp_gate); it is not part "
+            "of this block's output.")
+MASK_NOTE = ("Llama 3.2 Vision masks per text token (cross_attention_mask [B, Lq, images, "
+             "tiles]); a probe mask is per key. Text rows that may see no image get uniform "
+             "attention from the library and a zeroed MLP output.")
+NOTES = (MLP_NOTE, MASK_NOTE)
 
 
 @register

@@ -105,7 +105,7 @@ def test_baseline_zero_inits_the_gate_only_and_says_why(suggested: dict[str, Any
 
 
 def test_logit_explosion(suggested: dict[str, Any]) -> None:
-    report, s = suggested["logit_explosion"]
+    s = suggested["logit_explosion"][1]
     ch = changed(s)
     assert ch["cross_attention.qk_norm"]["value"] is True
     assert ch["cross_attention.qk_norm"]["code"] == "XD101"
@@ -116,7 +116,7 @@ def test_logit_explosion(suggested: dict[str, Any]) -> None:
     assert "# XD101: max logit 2" in line and "simulated with qk-norm" in line and "->" in line
     assert "XD101: max logit" in yaml_line(text, "gradient_clipping.cross_attention_max_grad_norm")
     sim = next(x for x in s.data["simulations"] if x["code"] == "XD101" and x["fix"] == "qk_norm")
-    assert sim["before"] > 100 > 50 > sim["after"] and sim["resolved"] is True
+    assert sim["before"] > 100 and sim["after"] < 50 and sim["resolved"] is True
     fix = next(c for c in s.data["code_changes"] if c["fix"] == "qk_norm")
     assert fix["blocks"] == ["layers.0"] and "XD101" in fix["codes"]
     assert "nn.RMSNorm(16)" in fix["snippet"] and fix["summary"]
@@ -264,7 +264,7 @@ def test_from_report_runs_no_torch_and_no_simulation(made: dict[str, Any], tmp_p
             "print(r.stdout)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=tmp_path, timeout=300)
+                         cwd=tmp_path, timeout=300, check=False)
     assert res.returncode == 0, res.stderr
     first, _, text = res.stdout.partition("\n")
     assert first == "False [] True"

@@ -329,7 +329,7 @@ def test_capture_points_reproduce_the_library_sub_block(which: str, unet: Any, u
     hooks = []
     for spec in specs:
         for point in layout.capture_modules(spec):  # type: ignore[attr-defined]
-            mod = model.get_submodule(live_path(model, spec, point))
+            mod = model.get_submodule(live_path(set(model.state_dict()), spec, point))
             hooks.append(mod.register_forward_pre_hook(
                 lambda m, a, kw, s=spec: got[s.name].update(layout.capture(s, a, kw) or {}),  # type: ignore[attr-defined]
                 with_kwargs=True))

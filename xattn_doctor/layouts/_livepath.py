@@ -3,14 +3,13 @@
 transformers 5 saves some models under legacy prefixes (`MllamaForConditionalGeneration`:
 live `model.language_model.layers.3`, saved `language_model.model.layers.3`). The live module
 is the one whose state-dict keys, relative to it, are the block's relative keys; among several
-(identical layers), the one sharing the longest dotted suffix with the saved name. Duck-typed
-on `model.state_dict()`: no torch import.
+(identical layers), the one sharing the longest dotted suffix with the saved name. Works on
+key names only: no torch import.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Collection, Iterable
 
 from xattn_doctor.layouts._base import BlockSpec, join
 
@@ -18,7 +17,7 @@ from xattn_doctor.layouts._base import BlockSpec, join
 def live_prefix(keys: Iterable[str], spec: BlockSpec) -> str | None:
     """The live module path of `spec` among a live model's state-dict `keys` (None: not found
     or ambiguous)."""
-    keyset = set(keys)
+    keyset = keys if isinstance(keys, (set, frozenset)) else set(keys)
     cut = len(spec.name) + 1 if spec.name else 0
     rel = sorted(k[cut:] for k in spec.keys())
     if not rel:
@@ -35,9 +34,10 @@ def live_prefix(keys: Iterable[str], spec: BlockSpec) -> str | None:
     return ranked[0][1]
 
 
-def live_path(model: Any, spec: BlockSpec, saved: str | None = None) -> str | None:
-    """The live path of the block (or of `saved`, a module path renamed like the block's)."""
-    prefix = live_prefix(model.state_dict().keys(), spec)
+def live_path(keys: Collection[str], spec: BlockSpec, saved: str | None = None) -> str | None:
+    """The live path of the block (or of `saved`, a module path renamed like the block's),
+    given the live model's state-dict `keys`."""
+    prefix = live_prefix(keys, spec)
     if prefix is None or saved is None:
         return prefix
     common = _shared_suffix(prefix, spec.name)

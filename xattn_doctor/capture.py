@@ -1,12 +1,15 @@
 """`capture_probe`: run the user's model once on a real batch and record what reaches each block.
 
 The blocks are found exactly as `diagnose` finds them (from the model's own state dict and
-config), so the probe's per-block keys carry the names the report uses. Hooks are removed and
-the model's train/eval mode restored in `finally`.
+config), so the probe's per-block keys carry the names the report uses. A transformers model
+whose `save_pretrained` renames its keys (transformers 5 saves some under legacy prefixes) is
+detected under the saved names, and each block is hooked at its live path. Hooks are removed
+and the model's train/eval mode restored in `finally`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from torch import Tensor, nn
 from xattn_doctor.errors import ProbeError
 from xattn_doctor.layouts import all_layouts, detect
 from xattn_doctor.layouts._base import BlockSpec, KeyIndex, ModelConfig
+from xattn_doctor.layouts._livepath import live_path
 
 QUERY_KWARGS = ("hidden_states", "x", "query", "text_features", "latents", "lang_x")
 CONTEXT_KWARGS = ("encoder_hidden_states", "cross_attention_states", "context", "key",
@@ -34,11 +38,13 @@ def capture_probe(model: nn.Module, inputs: Mapping[str, Any] | tuple[Any, ...],
     hooks = []
     was_training = model.training
     try:
+        live = set(model.state_dict())
         for spec in specs:
-            module = _module(model, spec.name)
-            if module is not None:
-                hooks.append(module.register_forward_pre_hook(_recorder(spec, records),
-                                                              with_kwargs=True))
+            for point in _points(spec):
+                module = _module(model, live_path(live, spec, point))
+                if module is not None:
+                    hooks.append(module.register_forward_pre_hook(
+                        _recorder(spec, point, records), with_kwargs=True))
         model.eval()
         with torch.no_grad():
             if isinstance(inputs, Mapping):
@@ -62,7 +68,7 @@ def capture_probe(model: nn.Module, inputs: Mapping[str, Any] | tuple[Any, ...],
 
 
 def _blocks(model: nn.Module) -> list[BlockSpec]:
-    index = KeyIndex({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    index = KeyIndex(_saved_shapes(model))
     cfg = getattr(model, "config", None)
     data = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
     found = detect(index, ModelConfig(data))
@@ -71,7 +77,33 @@ def _blocks(model: nn.Module) -> list[BlockSpec]:
     return found.blocks
 
 
-def _module(model: nn.Module, name: str) -> nn.Module | None:
+def _saved_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Key shapes as `save_pretrained` writes them (transformers' reverse key renaming, run on
+    meta tensors), else as the live state dict has them."""
+    state = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    tf = sys.modules.get("transformers")
+    if tf is None or not isinstance(model, tf.PreTrainedModel):
+        return shapes
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        saved = revert_weight_conversion(model, {k: v.to("meta") for k, v in state.items()})
+    except Exception:  # a private transformers API: fall back to the live names
+        return shapes
+    return {k: tuple(v.shape) for k, v in saved.items()}
+
+
+def _points(spec: BlockSpec) -> tuple[str, ...]:
+    """Where to hook a block: its layout's `capture_modules`, else the block's own module."""
+    layout = next((lay for lay in all_layouts() if lay.name == spec.layout), None)
+    points = getattr(layout, "capture_modules", None)
+    return tuple(points(spec)) if points is not None else (spec.name,)
+
+
+def _module(model: nn.Module, name: str | None) -> nn.Module | None:
+    if name is None:
+        return None
     if not name:
         return model
     try:
@@ -80,20 +112,24 @@ def _module(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _recorder(spec: BlockSpec, records: dict[str, dict[str, Tensor]]):  # type: ignore[no-untyped-def]
+def _recorder(spec: BlockSpec, point: str,  # type: ignore[no-untyped-def]
+              records: dict[str, dict[str, Tensor]]):
     layout = next((lay for lay in all_layouts() if lay.name == spec.layout), None)
+    done: list[bool] = []
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if spec.name in records:
-            return  # the first call is the one the probe records
+        if done:
+            return  # the first call (at each hook point) is the one the probe records
+        done.append(True)
         got = None
         if layout is not None and hasattr(layout, "capture"):
             got = layout.capture(spec, args, kwargs)
         if got is None:
             got = _generic(module, spec, args, kwargs)
         if got is not None:
-            records[spec.name] = {k: v.detach().float().cpu().clone() if k != "encoder_attention_mask"
-                                  else v.detach().bool().cpu().clone() for k, v in got.items()}
+            records.setdefault(spec.name, {}).update(
+                {k: v.detach().float().cpu().clone() if k != "encoder_attention_mask"
+                 else v.detach().bool().cpu().clone() for k, v in got.items()})
 
     return hook
 

@@ -359,3 +359,26 @@ def test_capture_points_reproduce_the_library_sub_block(which: str, unet: Any, u
         with torch.no_grad():
             y = _rebuild(ckpt, spec)(x, inputs["encoder_hidden_states"], keep)
         assert torch.allclose(y, x + outs[spec.name], atol=1e-4), spec.name
+
+
+def test_capture_probe_then_diagnose_uses_the_captured_inputs(unet: Any, unet_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """capture_probe hooks norm2 (query stream) and attn2 (context) of each block."""
+    import xattn_doctor
+    from safetensors import safe_open
+
+    gen = torch.Generator().manual_seed(6)
+    keep = torch.ones(2, 5, dtype=torch.long)
+    keep[0, 3:] = 0
+    probe = xattn_doctor.capture_probe(unet, {
+        "sample": torch.randn(2, 4, 4, 4, generator=gen), "timestep": 10,
+        "encoder_hidden_states": torch.randn(2, 5, CONTEXT, generator=gen),
+        "encoder_attention_mask": keep}, tmp_path / "probe.safetensors")
+    with safe_open(str(probe), "pt") as fh:
+        keys = set(fh.keys())
+        x = fh.get_tensor(f"{next(iter(UNET_HEADS))}.hidden_states")
+    assert keys == {f"{b}.{k}" for b in UNET_HEADS for k in (
+        "hidden_states", "encoder_hidden_states", "encoder_attention_mask")}
+    assert x.shape == (2, 16, 32)  # the 4x4 latent's tokens, at the block's width
+    (report,) = xattn_doctor.diagnose([unet_dir], probe=probe)
+    assert {b.name: b.inputs for b in report.blocks} == {b: "probe" for b in UNET_HEADS}

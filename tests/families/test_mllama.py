@@ -285,3 +285,29 @@ def test_capture_through_live_path_reproduces_the_library_block(model: Any, save
     with torch.no_grad():
         y = blk(x, got["encoder_hidden_states"], got["encoder_attention_mask"])
     assert torch.allclose(y, x + live.cross_attn_attn_gate.tanh() * seen["out"], atol=1e-4)
+
+
+def test_capture_probe_then_diagnose_uses_the_captured_inputs(model: Any, saved: Path,
+                                                              tmp_path: Path) -> None:
+    """capture_probe on the live model writes per-block keys under the saved names."""
+    import xattn_doctor
+    from safetensors import safe_open
+
+    patches = model.model.vision_model.num_patches
+    gen = torch.Generator().manual_seed(3)
+    xmask = torch.ones(2, 6, 1, 2, dtype=torch.long)
+    xmask[1, :, :, 1] = 0
+    probe = xattn_doctor.capture_probe(model, {
+        "input_ids": torch.randint(3, 99, (2, 6), generator=gen),
+        "cross_attention_states": torch.randn(2, 2 * patches, 32, generator=gen),
+        "cross_attention_mask": xmask}, tmp_path / "probe.safetensors")
+    with safe_open(str(probe), "pt") as fh:
+        keys = set(fh.keys())
+        mask = fh.get_tensor(f"{SAVED.format(3)}.encoder_attention_mask")
+    assert keys == {f"{SAVED.format(i)}.{k}" for i in CROSS_LAYERS for k in (
+        "hidden_states", "encoder_hidden_states", "encoder_attention_mask")}
+    assert mask.tolist() == [[True] * 2 * patches, [True] * patches + [False] * patches]
+    (report,) = xattn_doctor.diagnose([saved], probe=probe)
+    assert report.probe.source == "file"
+    assert [(b.name, b.inputs) for b in report.blocks] == [
+        (SAVED.format(i), "probe") for i in CROSS_LAYERS]

@@ -187,3 +187,22 @@ def test_standalone_qformer(tmp_path: Path) -> None:
                                            "encoder.layer.2.crossattention"]
     assert all(b.learned_queries is None and b.heads == 4 and b.heads_source == "config"
                for b in det.blocks)
+
+
+def test_diagnose_end_to_end(store: Any, blip2: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    import xattn_doctor
+
+    probe = tmp_path / "probe.safetensors"
+    save_file({"encoder_hidden_states": torch.randn(2, 7, 24)}, str(probe))
+    H.patch(blip2, f"{CROSS[1]}.attention.query.weight", lambda w: w * 30)
+    clean, bad = xattn_doctor.diagnose([store("blip2")[2], blip2], probe=probe)
+    for report in (clean, bad):
+        assert [b.name for b in report.blocks] == CROSS
+        assert all(b.layout == "blip2_qformer" and b.post_norm for b in report.blocks)
+        assert f"{CROSS[0]}: queries=learned, context=probe" in report.probe.synthesized
+    before = [b.metrics.max_logit for b in clean.blocks]
+    after = [b.metrics.max_logit for b in bad.blocks]
+    assert after[0] == pytest.approx(before[0], abs=1e-6)
+    assert after[1] == pytest.approx(30 * before[1], rel=1e-3)

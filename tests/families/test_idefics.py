@@ -118,7 +118,6 @@ def test_every_gated_layer_found_none_invented(saved: Any) -> None:
         assert b.gate is not None and b.gate.fn == "tanh" and b.residual
         assert b.gate.param.key == f"{b.name}.alpha_cross_attn"
         assert b.extra_keys == (f"{b.name}.alpha_dense",)
-    assert not any("perceiver" in s["name"] for s in det.skipped)
 
 
 def test_probabilities_and_output_match_library(saved: Any) -> None:
@@ -185,3 +184,19 @@ def test_bfloat16_checkpoint(vector: Any, tmp_path: Path) -> None:
     assert ckpt.dtype == "bfloat16"
     assert [b.name for b in det.blocks] == BLOCKS
     assert ckpt.dtype_of(det.blocks[1].gate.param.key) == "bfloat16"
+
+
+def test_diagnose_end_to_end(vector: Any, tmp_path: Path) -> None:
+    import xattn_doctor
+
+    path = copy_of(vector, "vector_qknorm", tmp_path)
+    H.patch(path, f"{BLOCKS[0]}.alpha_cross_attn", lambda a: torch.full_like(a, 20.0))
+    for role in ("q", "k"):
+        H.patch(path, f"{BLOCKS[1]}.cross_attn.{role}_layer_norm.weight", lambda w: w * 30)
+    (report,) = xattn_doctor.diagnose([path])
+    assert [b.name for b in report.blocks] == BLOCKS
+    assert all(b.layout == "idefics" and b.gated and b.qk_norm for b in report.blocks)
+    assert report.blocks[0].metrics.gate == pytest.approx(1.0)
+    codes = {(f.code, f.block) for f in report.findings}
+    assert ("XD402", BLOCKS[0]) in codes and ("XD101", BLOCKS[1]) in codes
+    assert ("XD101", BLOCKS[0]) not in codes and ("XD402", BLOCKS[1]) not in codes

@@ -49,7 +49,8 @@ def layout() -> Any:
     return next(lay for lay in all_layouts() if lay.name == "blip2_qformer")
 
 
-def run_qformer(model: Any, family: str, names: list[str]) -> dict[str, dict[str, Any]]:
+def run_qformer(model: Any, family: str, names: list[str],
+                weights: bool = True) -> dict[str, dict[str, Any]]:
     """Run the Q-Former on random image features with padded keys; record each block."""
     seen: dict[str, dict[str, Any]] = {}
     hooks = []
@@ -60,9 +61,10 @@ def run_qformer(model: Any, family: str, names: list[str]) -> dict[str, dict[str
                 lambda m, a, kw, n=name: seen.__setitem__(n, {"args": a, "kwargs": kw}),
                 with_kwargs=True),
             mod.register_forward_hook(lambda m, a, o, n=name: seen[n].__setitem__("out", o)),
-            mod.attention.register_forward_hook(
-                lambda m, a, o, n=name: seen[n].__setitem__("weights", o[1])),
         ]
+        if weights:
+            hooks.append(mod.attention.register_forward_hook(
+                lambda m, a, o, n=name: seen[n].__setitem__("weights", o[1])))
     torch.manual_seed(1)
     img = torch.randn(2, 7, 24)
     mask = torch.ones(2, 7, dtype=torch.long)
@@ -206,3 +208,12 @@ def test_diagnose_end_to_end(store: Any, blip2: Path, tmp_path: Path) -> None:
     after = [b.metrics.max_logit for b in bad.blocks]
     assert after[0] == pytest.approx(before[0], abs=1e-6)
     assert after[1] == pytest.approx(30 * before[1], rel=1e-3)
+
+
+def test_capture_reads_sdpa_boolean_mask() -> None:
+    model = build("blip2")
+    model.set_attn_implementation("sdpa")  # 4-D boolean masks instead of additive ones
+    seen = run_qformer(model, "blip2", CROSS[:1], weights=False)[CROSS[0]]
+    assert seen["kwargs"]["encoder_attention_mask"].dtype == torch.bool
+    inputs = layout().capture(None, seen["args"], seen["kwargs"])
+    assert inputs["encoder_attention_mask"].tolist() == [[True] * 7, [True] * 5 + [False] * 2]

@@ -119,7 +119,7 @@ def _backward(block: RebuiltBlock, inputs: BlockInputs, x: Tensor, c: Tensor,
     m.grad_norm = math.sqrt(sum(v * v for v in m.grad_norms.values()))
     m.input_grad_norms = {n: float(t.grad.float().norm()) for n, t in
                           (("hidden_states", x), ("encoder_hidden_states", c))
-                          if t.grad is not None and t.is_leaf}
+                          if t.is_leaf and t.grad is not None}
     path = [g for r, g in grads.items() if r.startswith(ATTENTION_PATH)]
     m.zero_grad = bool(path) and all(bool((g == 0).all()) for g in path)
     for r, g in grads.items():

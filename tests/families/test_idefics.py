@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.family
 torch = pytest.importorskip("torch", reason="the family tests build real models with torch")
-T = pytest.importorskip("transformers", reason="IDEFICS tests need transformers>=5")
+T = pytest.importorskip("transformers", minversion="5.0", reason="IDEFICS tests need transformers>=5")
 
 import _hf_family as H  # noqa: E402
 

@@ -218,3 +218,6 @@ def explain(code: Annotated[str, typer.Argument(help="rule code, e.g. XD101")]) 
 def main() -> None:
     """Console entry point."""
     app()
+
+
+from xattn_doctor import cli_suggest  # noqa: E402,F401  registers suggest-config

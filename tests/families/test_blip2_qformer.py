@@ -27,7 +27,7 @@ TEXT = dict(model_type="opt", hidden_size=40, ffn_dim=64, num_hidden_layers=1,
             num_attention_heads=4, vocab_size=100, max_position_embeddings=64,
             word_embed_proj_dim=40)
 CROSS = ["qformer.encoder.layer.0.crossattention", "qformer.encoder.layer.2.crossattention"]
-FAMILIES = ("blip2", "instructblip")
+FAMILIES = ("blip2", "instructblip", "instructblipvideo")
 
 
 def build(family: str) -> Any:
@@ -37,10 +37,15 @@ def build(family: str) -> Any:
         cfg = T.Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT,
                             num_query_tokens=4, initializer_range=0.2)
         model = T.Blip2ForConditionalGeneration(cfg)
-    else:
+    elif family == "instructblip":
         cfg = T.InstructBlipConfig(vision_config=VISION, qformer_config=QFORMER,
                                    text_config=TEXT, num_query_tokens=4, initializer_range=0.2)
         model = T.InstructBlipForConditionalGeneration(cfg)
+    else:
+        cfg = T.InstructBlipVideoConfig(vision_config=VISION, qformer_config=QFORMER,
+                                        text_config=TEXT, num_query_tokens=4,
+                                        initializer_range=0.2)
+        model = T.InstructBlipVideoForConditionalGeneration(cfg)
     model.set_attn_implementation("eager")
     return model.eval()
 
@@ -70,7 +75,7 @@ def run_qformer(model: Any, family: str, names: list[str],
     img = torch.randn(2, 7, 24)
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0
-    extra = {"input_ids": torch.randint(1, 100, (2, 3))} if family == "instructblip" else {}
+    extra = {"input_ids": torch.randint(1, 100, (2, 3))} if family != "blip2" else {}
     try:
         with torch.no_grad():
             model.qformer(query_embeds=torch.randn(2, 4, 32), encoder_hidden_states=img,
@@ -121,7 +126,7 @@ def test_every_cross_block_found_none_invented(saved: Any) -> None:
     assert det.blocks[0].learned_queries.key == "query_tokens"
     skipped = {s["name"] for s in det.skipped if s["layout"] == "blip2_qformer"}
     assert skipped == {f"qformer.encoder.layer.{i}.attention" for i in range(3)}
-    if family == "instructblip":
+    if family != "blip2":
         assert any("InstructBLIP" in n for n in det.blocks[0].notes)
 
 

@@ -19,7 +19,7 @@ import _hf_family as H  # noqa: E402
 from xattn_doctor.layouts import all_layouts  # noqa: E402
 
 VISION = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-              image_size=16, patch_size=8)
+              image_size=16, patch_size=8, initializer_range=0.2)
 QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                cross_attention_frequency=2, encoder_hidden_size=24, vocab_size=100,
                max_position_embeddings=32, layer_norm_eps=1e-7, initializer_range=0.2)
@@ -35,17 +35,21 @@ def build(family: str) -> Any:
     torch.manual_seed(0)
     if family == "blip2":
         cfg = T.Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=TEXT,
-                            num_query_tokens=4, initializer_range=0.2)
+                            num_query_tokens=4, initializer_range=0.2,
+                            image_token_index=99)
         model = T.Blip2ForConditionalGeneration(cfg)
     elif family == "instructblip":
         cfg = T.InstructBlipConfig(vision_config=VISION, qformer_config=QFORMER,
-                                   text_config=TEXT, num_query_tokens=4, initializer_range=0.2)
+                                   text_config=TEXT, num_query_tokens=4, initializer_range=0.2,
+                                   image_token_index=99)
         model = T.InstructBlipForConditionalGeneration(cfg)
     else:
         cfg = T.InstructBlipVideoConfig(vision_config=VISION, qformer_config=QFORMER,
-                                        text_config=TEXT, num_query_tokens=4,
+                                        text_config=TEXT, num_query_tokens=4, image_token_index=99,
                                         initializer_range=0.2)
         model = T.InstructBlipVideoForConditionalGeneration(cfg)
+    with torch.no_grad():  # transformers initialises them to zeros: no signal to attend with
+        model.query_tokens.normal_()
     model.set_attn_implementation("eager")
     return model.eval()
 
@@ -223,3 +227,41 @@ def test_capture_reads_sdpa_boolean_mask() -> None:
     assert seen["kwargs"]["encoder_attention_mask"].dtype == torch.bool
     inputs = layout().capture(None, seen["args"], seen["kwargs"])
     assert inputs["encoder_attention_mask"].tolist() == [[True] * 7, [True] * 5 + [False] * 2]
+
+
+@pytest.mark.parametrize("family", ["blip2", "instructblip"])
+def test_capture_probe_end_to_end(store: Any, family: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    import xattn_doctor
+
+    _, model, path = store(family)
+    inputs = {"pixel_values": torch.randn(2, 3, 16, 16),
+              "input_ids": torch.tensor([[99] * 4 + [5, 6, 7]] * 2)}
+    if family != "blip2":
+        inputs["qformer_input_ids"] = torch.randint(1, 99, (2, 3))
+    probe = xattn_doctor.capture_probe(model, inputs, tmp_path / "probe.safetensors")
+    seen: dict[str, Any] = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, kw, n=n: seen.__setitem__(n, (a, kw)), with_kwargs=True) for n in CROSS]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    tensors = load_file(str(probe))
+    for name in CROSS:
+        args, kwargs = seen[name]
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        torch.testing.assert_close(tensors[f"{name}.hidden_states"], x)
+        torch.testing.assert_close(tensors[f"{name}.encoder_hidden_states"],
+                                   kwargs["encoder_hidden_states"])
+    (report,) = xattn_doctor.diagnose([path], probe=probe)
+    assert report.probe.synthesized == []
+    ckpt, det = H.detect_dir(path)
+    for spec, result in zip(det.blocks, report.blocks):
+        x, c = tensors[f"{spec.name}.hidden_states"], tensors[f"{spec.name}.encoder_hidden_states"]
+        assert result.metrics.max_logit == pytest.approx(
+            H.max_logit(H.rebuild(ckpt, spec), x, c), rel=1e-4)
+        assert result.metrics.max_logit > 0.1

@@ -200,3 +200,32 @@ def test_diagnose_end_to_end(vector: Any, tmp_path: Path) -> None:
     codes = {(f.code, f.block) for f in report.findings}
     assert ("XD402", BLOCKS[0]) in codes and ("XD101", BLOCKS[1]) in codes
     assert ("XD101", BLOCKS[0]) not in codes and ("XD402", BLOCKS[1]) not in codes
+
+
+def test_capture_probe_end_to_end(vector: Any, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    import xattn_doctor
+
+    _, model, path = vector
+    seen = run(model)  # seeds inputs as below, and records the library's own attention
+    torch.manual_seed(1)
+    images = torch.zeros(3, 6, 2, dtype=torch.long)
+    images[0] = 1
+    images[1, :, 1] = 1
+    inputs = {"input_ids": torch.randint(3, 100, (3, 6)),
+              "pixel_values": torch.randn(3, 2, 3, 16, 16), "image_attention_mask": images}
+    probe = xattn_doctor.capture_probe(model, inputs, tmp_path / "probe.safetensors")
+    tensors = load_file(str(probe))
+    for name in BLOCKS:
+        args, kwargs = seen[name]["args"], seen[name]["kwargs"]
+        torch.testing.assert_close(tensors[f"{name}.hidden_states"], args[0])
+        torch.testing.assert_close(tensors[f"{name}.encoder_hidden_states"], args[2])
+        assert tensors[f"{name}.encoder_attention_mask"].tolist() == \
+            [[True] * 10, [False] * 5 + [True] * 5, [False] * 10]
+    (report,) = xattn_doctor.diagnose([path], probe=probe)
+    assert report.probe.synthesized == []
+    for result in report.blocks:
+        library = seen[result.name]["weights"][:2]  # sample 2 may attend to no image
+        assert result.metrics.max_attention_weight == pytest.approx(float(library.max()),
+                                                                    abs=1e-4)

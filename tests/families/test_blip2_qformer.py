@@ -260,7 +260,7 @@ def test_capture_probe_end_to_end(store: Any, family: str, tmp_path: Path) -> No
     (report,) = xattn_doctor.diagnose([path], probe=probe)
     assert report.probe.synthesized == []
     ckpt, det = H.detect_dir(path)
-    for spec, result in zip(det.blocks, report.blocks):
+    for spec, result in zip(det.blocks, report.blocks, strict=True):
         x, c = tensors[f"{spec.name}.hidden_states"], tensors[f"{spec.name}.encoder_hidden_states"]
         assert result.metrics.max_logit == pytest.approx(
             H.max_logit(H.rebuild(ckpt, spec), x, c), rel=1e-4)

@@ -11,7 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.family
 torch = pytest.importorskip("torch", reason="the family tests build real models with torch")
-T = pytest.importorskip("transformers", minversion="5.0", reason="IDEFICS tests need transformers>=5")
+T = pytest.importorskip("transformers", minversion="5.0",
+                        reason="IDEFICS tests need transformers>=5")
 
 import _hf_family as H  # noqa: E402
 
@@ -218,7 +219,7 @@ def test_capture_probe_end_to_end(vector: Any, tmp_path: Path) -> None:
     probe = xattn_doctor.capture_probe(model, inputs, tmp_path / "probe.safetensors")
     tensors = load_file(str(probe))
     for name in BLOCKS:
-        args, kwargs = seen[name]["args"], seen[name]["kwargs"]
+        args = seen[name]["args"]
         torch.testing.assert_close(tensors[f"{name}.hidden_states"], args[0])
         torch.testing.assert_close(tensors[f"{name}.encoder_hidden_states"], args[2])
         assert tensors[f"{name}.encoder_attention_mask"].tolist() == \

@@ -262,7 +262,8 @@ def child_measure_b(args: argparse.Namespace) -> int:
     dev = torch.device(args.device)
     # output_attentions needs eager attention: with the default "sdpa" transformers only warns and
     # returns no attention weights at all.
-    load_kwargs = dict(dtype=torch.bfloat16, attn_implementation="eager")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.b_dtype]
+    load_kwargs = dict(dtype=dtype, attn_implementation="eager")
     load_path = "cpu"
     if dev.type == "cuda":
         # device_map loads straight onto the GPU but needs `accelerate` (transformers 5 raises a
@@ -281,8 +282,8 @@ def child_measure_b(args: argparse.Namespace) -> int:
     model.eval()
     t_load = time.perf_counter() - t0 - t_import
     probe = load_file(args.probe)
-    hs = probe["hidden_states"].to(dev, torch.bfloat16)
-    enc = probe["encoder_hidden_states"].to(dev, torch.bfloat16)
+    hs = probe["hidden_states"].to(dev, dtype)
+    enc = probe["encoder_hidden_states"].to(dev, dtype)
     batch, q_len, _ = hs.shape
     k_len = enc.shape[1]
     kwargs = {}
@@ -315,7 +316,7 @@ def child_measure_b(args: argparse.Namespace) -> int:
     payload = dict(kind="b", import_s=t_import, load_s=t_load,
                    forward_s=time.perf_counter() - t0 - t_import - t_load,
                    n_attentions=len(attns), cross_layers=cross_layers, stats=stats,
-                   masked=bool(kwargs), load_path=load_path)
+                   masked=bool(kwargs), load_path=load_path, dtype=args.b_dtype)
     if dev.type == "cuda":
         payload["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / MB
     _child_report(t0, payload)
@@ -334,6 +335,7 @@ def child_info(args: argparse.Namespace) -> int:
         import torch
 
         info["torch_threads"] = torch.get_num_threads()
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         if torch.cuda.is_available():
             info["cuda_device"] = torch.cuda.get_device_name(0)
     except Exception:  # noqa: BLE001
@@ -476,7 +478,8 @@ def measure(which: str, args: argparse.Namespace, ckpt: Path, probe: Path, env: 
     if which == "a":
         cmd, cwd = self_cmd("_measure_a", "--ckpt", str(ckpt), "--device", args.device), REPO_ROOT
     elif which == "b":
-        cmd = self_cmd("_measure_b", "--ckpt", str(ckpt), "--probe", str(probe), "--device", args.device)
+        cmd = self_cmd("_measure_b", "--ckpt", str(ckpt), "--probe", str(probe), "--device", args.device,
+                       "--b-dtype", args.b_dtype)
         cwd = REPO_ROOT
     else:
         cmd = [sys.executable, "-m", "xattn_doctor", "diagnose", str(ckpt), "--probe", str(probe),
@@ -555,6 +558,9 @@ def main_bench(argv: list[str]) -> int:
     p.add_argument("--deep-measure", default="a,c",
                    help="which of a,b,c to run on the deep checkpoint (with --depth-factor > 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N], for b and c (and a)")
+    p.add_argument("--b-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="dtype b loads and runs the model in (bf16 matmuls are very slow on CPUs "
+                        "without native bf16 support, e.g. AVX2-only)")
     p.add_argument("--workdir", type=Path, default=REPO_ROOT / "bench-out",
                    help="cache for checkpoints and probes (default: bench-out/ in the repo root)")
     p.add_argument("--tool-root", type=Path, default=REPO_ROOT,
@@ -725,6 +731,7 @@ def main(argv: list[str]) -> int:
         p.add_argument("--ckpt")
         p.add_argument("--probe")
         p.add_argument("--device", default="cpu")
+        p.add_argument("--b-dtype", default="bfloat16")
         args = p.parse_args(argv[1:])
         return {"_build": child_build, "_probe": child_probe, "_measure_a": child_measure_a,
                 "_measure_b": child_measure_b, "_info": child_info}[argv[0]](args)

@@ -61,7 +61,8 @@ def detect(index: KeyIndex, config: ModelConfig, heads: int | None = None) -> De
     for layout in all_layouts():
         out.tried.append(layout.name)
         for spec in layout.match(index, config):
-            keys = spec.keys()
+            shared = {spec.learned_queries.key} if spec.learned_queries else set()
+            keys = spec.keys() - shared  # learned queries may feed several blocks
             if keys & claimed:
                 continue
             claimed |= keys

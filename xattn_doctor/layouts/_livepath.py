@@ -18,8 +18,8 @@ def live_prefix(keys: Iterable[str], spec: BlockSpec) -> str | None:
     """The live module path of `spec` among a live model's state-dict `keys` (None: not found
     or ambiguous)."""
     keyset = keys if isinstance(keys, (set, frozenset)) else set(keys)
-    cut = len(spec.name) + 1 if spec.name else 0
-    rel = sorted(k[cut:] for k in spec.keys())
+    head = spec.name + "." if spec.name else ""
+    rel = sorted(k[len(head):] for k in spec.keys() if k.startswith(head))  # not learned queries
     if not rel:
         return None
     if all(join(spec.name, r) in keyset for r in rel):

@@ -1,0 +1,246 @@
+"""Perceivers: perceiver-pytorch (lucidrains Perceiver, PerceiverIO) and transformers'
+PerceiverModel / PerceiverForMaskedLM, saved, detected, rebuilt, checked against the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file, save_model
+
+from xattn_doctor.checkpoint import open_checkpoint
+from xattn_doctor.layouts import all_layouts
+
+from _block_check import (
+    entropy, max_logit, probs, rebuild, recorded_calls, recorded_einsum, write_config,
+)
+
+pytestmark = pytest.mark.family
+
+
+def _layout(name: str) -> Any:
+    return next(lay for lay in all_layouts() if lay.name == name)
+
+
+# --- perceiver-pytorch -------------------------------------------------------------------------
+
+LUCID = dict(num_freq_bands=2, depth=2, max_freq=4.0, input_channels=3, input_axis=1,
+             num_latents=5, latent_dim=32, cross_heads=2, latent_heads=2, cross_dim_head=8,
+             latent_dim_head=8, num_classes=3)
+CONTEXT = 3 + 1 * (2 * 2 + 1)  # input channels + fourier features
+CROSS = ["layers.0.cross_attn", "layers.1.cross_attn"]
+
+
+@pytest.fixture(scope="module")
+def pp() -> Any:
+    return pytest.importorskip("perceiver_pytorch",
+                               reason="perceiver-pytorch (lucidrains) not installed")
+
+
+@pytest.fixture(scope="module")
+def lucid(pp: Any) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return pp.Perceiver(**LUCID).eval()
+
+
+@pytest.fixture(scope="module")
+def lucid_saved(lucid: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("perceiver_pytorch")
+    save_model(lucid, str(folder / "model.safetensors"))
+    write_config(folder, LUCID)  # the constructor's arguments, as people keep them
+    return folder
+
+
+def _lucid_attention(args: tuple[Any, ...]) -> torch.Tensor | None:
+    pattern = args[-1]
+    return args[0] if isinstance(pattern, str) and pattern.replace(" ", "").startswith(
+        "bij,bjd") else None
+
+
+def test_perceiver_pytorch_blocks(lucid_saved: Path) -> None:
+    det, _ = rebuild(lucid_saved)
+    assert [s.name for s in det.blocks] == CROSS
+    for s in det.blocks:
+        assert (s.layout, s.heads, s.kv_heads, s.head_dim, s.heads_source) == \
+            ("perceiver_pytorch", 2, 2, 8, "config")
+        assert (s.query_dim, s.context_dim, s.residual) == (32, CONTEXT, True)
+        assert s.context_norm is not None and s.context_norm.weight.key.endswith("norm_context.weight")
+        assert s.o is not None and s.o.bias is not None
+    assert det.blocks[0].learned_queries is not None and det.blocks[0].learned_queries.key == "latents"
+    assert det.blocks[1].learned_queries is None
+    assert sorted(s["name"] for s in det.skipped) == ["layers.0.self_attns.0.0",
+                                                      "layers.1.self_attns.0.0"]
+
+
+def test_perceiver_pytorch_heads_default_without_config(pp: Any, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = pp.Perceiver(num_freq_bands=2, depth=1, max_freq=4.0, input_channels=3,
+                         input_axis=1, num_latents=4, latent_dim=32, num_classes=2)
+    save_model(model, str(tmp_path / "model.safetensors"))
+    det, _ = rebuild(tmp_path)
+    (spec,) = det.blocks  # cross_heads=1, cross_dim_head=64: the library defaults
+    assert (spec.heads, spec.head_dim, spec.heads_source) == (1, 64, "default")
+
+
+def test_perceiver_pytorch_matches_library_with_mask(pp: Any, lucid: torch.nn.Module,
+                                                     lucid_saved: Path) -> None:
+    _, blocks = rebuild(lucid_saved)
+    torch.manual_seed(2)
+    data = torch.randn(2, 7, 3)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    with torch.no_grad(), recorded_calls(lucid, CROSS) as calls, \
+            recorded_einsum(pp.perceiver_pytorch, _lucid_attention) as seen:
+        lucid(data, mask=mask)
+    cross_probs = [seen[0], seen[2]]  # cross, self, cross, self
+    for name, lib in zip(CROSS, cross_probs):
+        args, kwargs, out = calls[name]
+        got = _layout("perceiver_pytorch").capture(blocks[name].spec, args, kwargs)
+        x, c, m = got["hidden_states"], got["encoder_hidden_states"], got["encoder_attention_mask"]
+        assert torch.equal(m, mask) and c.shape == (2, 7, CONTEXT)
+        p = probs(blocks[name], x, c, m)
+        assert torch.allclose(p, lib.reshape(p.shape), atol=1e-4)
+        assert torch.allclose(entropy(p), entropy(lib.reshape(p.shape)), atol=1e-4)
+        assert torch.allclose(blocks[name](x, c, m), out + x, atol=1e-4)
+
+
+def test_perceiver_io_decoder_has_no_residual(pp: Any, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    io = pp.PerceiverIO(depth=1, dim=24, queries_dim=16, num_latents=5, latent_dim=32,
+                        cross_heads=2, latent_heads=2, cross_dim_head=8, latent_dim_head=8,
+                        logits_dim=3).eval()
+    save_model(io, str(tmp_path / "model.safetensors"))
+    write_config(tmp_path, {"cross_heads": 2, "latent_heads": 2})
+    det, blocks = rebuild(tmp_path)
+    assert [s.name for s in det.blocks] == ["cross_attend_block.cross_attn", "decoder_cross_attn"]
+    enc, dec = det.blocks
+    assert enc.learned_queries is not None and enc.residual
+    assert dec.learned_queries is None and not dec.residual
+    assert (dec.query_dim, dec.context_dim) == (16, 32)
+    names = [s.name for s in det.blocks]
+    with torch.no_grad(), recorded_calls(io, names) as calls:
+        io(torch.randn(2, 6, 24), queries=torch.randn(3, 16))
+    for name in names:
+        args, kwargs, out = calls[name]
+        got = _layout("perceiver_pytorch").capture(blocks[name].spec, args, kwargs)
+        x, c = got["hidden_states"], got["encoder_hidden_states"]
+        want = out + x if blocks[name].spec.residual else out
+        assert torch.allclose(blocks[name](x, c), want, atol=1e-4)
+
+
+def test_perceiver_pytorch_pathology_in_one_block(lucid_saved: Path, tmp_path: Path) -> None:
+    sd = load_file(str(lucid_saved / "model.safetensors"))
+    sd["layers.1.cross_attn.fn.to_q.weight"] *= 30.0
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    write_config(tmp_path, LUCID)
+    _, before = rebuild(lucid_saved)
+    _, after = rebuild(tmp_path)
+    x, c = torch.randn(2, 5, 32), torch.randn(2, 7, CONTEXT)
+    for name in CROSS:
+        ratio = max_logit(after[name], x, c) / max_logit(before[name], x, c)
+        assert ratio == pytest.approx(30.0 if name == CROSS[1] else 1.0, rel=1e-3)
+
+
+# --- transformers Perceiver --------------------------------------------------------------------
+
+ENC = "encoder.cross_attention.attention"
+HF_CONFIG = dict(num_latents=6, d_latents=32, d_model=24, num_blocks=1,
+                 num_self_attends_per_block=1, num_self_attention_heads=2,
+                 num_cross_attention_heads=2, qk_channels=16, v_channels=32)
+
+
+@pytest.fixture(scope="module")
+def tf() -> Any:
+    return pytest.importorskip("transformers", reason="transformers not installed")
+
+
+@pytest.fixture(scope="module")
+def hf_model(tf: Any) -> Any:
+    torch.manual_seed(0)
+    return tf.PerceiverModel(tf.PerceiverConfig(**HF_CONFIG)).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_saved(hf_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("hf_perceiver")
+    hf_model.save_pretrained(folder, max_shard_size="20KB")
+    return folder
+
+
+def test_hf_perceiver_blocks_sharded(hf_saved: Path) -> None:
+    assert len(list(hf_saved.glob("*.safetensors"))) > 1
+    det, _ = rebuild(hf_saved)
+    (spec,) = det.blocks
+    assert spec.name == ENC and spec.layout == "hf_perceiver"
+    assert (spec.heads, spec.kv_heads, spec.head_dim, spec.v_head_dim) == (2, 2, 8, 16)
+    assert (spec.query_dim, spec.context_dim, spec.heads_source) == (32, 24, "config")
+    assert spec.learned_queries is not None and spec.learned_queries.key == "embeddings.latents"
+    assert spec.context_norm is not None and spec.residual
+    assert [s["name"] for s in det.skipped] == ["encoder.self_attends.0.attention"]
+
+
+def test_hf_perceiver_matches_library(hf_model: Any, hf_saved: Path) -> None:
+    _, blocks = rebuild(hf_saved)
+    torch.manual_seed(4)
+    inputs = torch.randn(2, 5, 24)
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    with torch.no_grad(), recorded_calls(hf_model, [ENC]) as calls:
+        out = hf_model(inputs, attention_mask=mask, output_attentions=True)
+    args, kwargs, lib_out = calls[ENC]
+    got = _layout("hf_perceiver").capture(blocks[ENC].spec, args, kwargs)
+    x, c, m = got["hidden_states"], got["encoder_hidden_states"], got["encoder_attention_mask"]
+    assert torch.equal(m, mask.bool())
+    assert torch.equal(x[0], blocks[ENC].p("learned_queries").detach())
+    p = probs(blocks[ENC], x, c, m)
+    assert torch.allclose(p, out.cross_attentions[0], atol=1e-4)
+    assert torch.allclose(entropy(p), entropy(out.cross_attentions[0]), atol=1e-4)
+    assert torch.allclose(blocks[ENC](x, c, m), lib_out[0], atol=1e-4)
+
+
+def test_hf_masked_lm_decoder(tf: Any, tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    cfg = tf.PerceiverConfig(num_latents=6, d_latents=32, d_model=24, num_blocks=1,
+                             num_self_attends_per_block=1, num_self_attention_heads=2,
+                             num_cross_attention_heads=2, vocab_size=30,
+                             max_position_embeddings=10)
+    model = tf.PerceiverForMaskedLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    det, blocks = rebuild(tmp_path)
+    enc, dec = "perceiver." + ENC, "perceiver.decoder.decoding_cross_attention.attention"
+    assert [s.name for s in det.blocks] == [dec, enc]  # sorted by name
+    d = det.blocks[0]
+    assert (d.heads, d.head_dim, d.v_head_dim, d.residual, d.heads_source) == \
+        (8, 32, 3, False, "config")
+    assert d.learned_queries is not None and d.learned_queries.key == \
+        "perceiver.decoder.output_position_encodings.position_embeddings"
+    ids = torch.randint(0, 30, (2, 10))
+    with torch.no_grad(), recorded_calls(model, [enc, dec]) as calls:
+        out = model(inputs=ids, output_attentions=True)
+    for i, name in enumerate((enc, dec)):  # cross_attentions: the encoder's, then the decoder's
+        args, kwargs, lib_out = calls[name]
+        got = _layout("hf_perceiver").capture(blocks[name].spec, args, kwargs)
+        x, c = got["hidden_states"], got["encoder_hidden_states"]
+        m = got.get("encoder_attention_mask")
+        assert torch.allclose(probs(blocks[name], x, c, m), out.cross_attentions[i], atol=1e-4)
+        assert torch.allclose(blocks[name](x, c, m), lib_out[0], atol=1e-4)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    for part in ("weight", "bias"):
+        sd[f"{dec}.self.query.{part}"] *= 30.0
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    _, after = rebuild(tmp_path)
+    x, c = torch.randn(1, 10, 24), torch.randn(1, 6, 32)
+    assert max_logit(after[dec], x, c) / max_logit(blocks[dec], x, c) == pytest.approx(30.0, rel=1e-3)
+    x2 = torch.randn(1, 6, 32)
+    c2 = torch.randn(1, 10, 24)
+    assert max_logit(after[enc], x2, c2) == pytest.approx(max_logit(blocks[enc], x2, c2))
+
+
+def test_hf_perceiver_bfloat16(tf: Any, hf_model: Any, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tf.PerceiverModel(tf.PerceiverConfig(**HF_CONFIG)).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert open_checkpoint(tmp_path).dtype == "bfloat16"
+    det, _ = rebuild(tmp_path)
+    assert [s.name for s in det.blocks] == [ENC]

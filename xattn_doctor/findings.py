@@ -49,7 +49,7 @@ class Symptom(str, Enum):
         return list(Symptom).index(self) + 1
 
     @property
-    def title(self) -> str:
+    def heading(self) -> str:
         """Human heading, e.g. 'Gradient explosion'."""
         return self.value.replace("_", " ").capitalize()
 
@@ -133,6 +133,8 @@ class Metrics:
     nonfinite: dict[str, int] = field(default_factory=dict)
     spectral_max_logit: float | None = None
     spectral_bound_source: str | None = None
+    gate_abs_max: float | None = None
+    weight_norms: dict[str, float] = field(default_factory=dict)
     temperature: float | None = None
     output_rms: float | None = None
     backward_queries: int | None = None

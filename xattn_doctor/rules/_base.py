@@ -46,6 +46,7 @@ class Rule:
     aliases: ClassVar[tuple[str, ...]] = ()
     remedy: ClassVar[Remedy]
     fails_build: ClassVar[bool] = True  # False: informs only, never above info
+    series: ClassVar[bool] = False  # True: judged over checkpoints by `trend`, not per block
 
     def check(self, ctx: BlockContext, opts: Mapping[str, Any]) -> list[Finding]:
         """The findings of this rule on one block (empty when it does not apply)."""

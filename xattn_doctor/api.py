@@ -1,0 +1,131 @@
+"""The library surface: diagnose checkpoints into Reports (the CLI and the tests call this)."""
+
+from __future__ import annotations
+
+import gc
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from xattn_doctor import __version__
+from xattn_doctor.attention import RebuiltBlock
+from xattn_doctor.checkpoint import Checkpoint, open_checkpoint
+from xattn_doctor.errors import NoBlocksError, UsageError
+from xattn_doctor.findings import BlockResult, CheckpointInfo, Finding, ProbeInfo, Report
+from xattn_doctor.layouts import Detection, detect
+from xattn_doctor.layouts._base import BlockSpec
+from xattn_doctor.measure import RunSettings, measure
+from xattn_doctor.options import Options
+from xattn_doctor.probe import Probe, load_probe, synthetic
+from xattn_doctor.rules import BlockContext, run as run_rules
+from xattn_doctor.runtime import resolve
+
+Progress = Callable[[str, int, int], None]  # (block name, index, total)
+
+
+def diagnose(paths: Sequence[str | Path], probe: str | Path | None = None,
+             options: Options | None = None, progress: Progress | None = None) -> list[Report]:
+    """Diagnose each checkpoint in turn with one probe; returns one Report per checkpoint."""
+    opts = options or Options()
+    loaded = load_probe(Path(probe), opts.seed) if probe is not None else None
+    reports = [diagnose_one(Path(p), loaded, opts, progress) for p in paths]
+    if len(reports) > 1:
+        from xattn_doctor.trend import trend_findings
+
+        reports[-1].findings.extend(trend_findings(reports, opts.effective_thresholds(),
+                                                   opts.disabled))
+    return reports
+
+
+def diagnose_one(path: Path, probe: Probe | None, opts: Options,
+                 progress: Progress | None = None) -> Report:
+    """Diagnose one checkpoint: detect blocks, run each, apply the rules."""
+    ckpt = open_checkpoint(path)
+    try:
+        found = _detect(ckpt, opts)
+        probe = probe or synthetic(opts.seed)
+        probe.used = set()
+        rt = resolve(opts.device, opts.dtype, ckpt.dtype)
+        settings = RunSettings(rt.device, rt.dtype, opts.budget_bytes, opts.seed)
+        blocks, findings, synthesized = [], [], []
+        for i, spec in enumerate(found.blocks):
+            if progress:
+                progress(spec.name, i, len(found.blocks))
+            result, spec_findings, label = _run_block(ckpt, spec, probe, settings, opts)
+            blocks.append(result)
+            findings.extend(spec_findings)
+            if label != "probe":
+                synthesized.append(f"{spec.name}: {label}")
+        probe.check_fits(found.blocks)
+    finally:
+        ckpt.close()
+    return Report(
+        tool_version=__version__,
+        checkpoint=_info(ckpt, found),
+        probe=ProbeInfo(probe.source, str(probe.path) if probe.path else None, synthesized),
+        device=str(rt.device) if rt.device.type == "cpu" else f"cuda:{rt.device.index or 0}",
+        dtype=rt.dtype_name + (f" ({rt.note})" if rt.note else ""),
+        blocks=blocks,
+        findings=sorted(findings, key=lambda f: (-f.severity.rank, f.code, f.block or "")),
+        thresholds=opts.effective_thresholds(),
+        skipped=found.skipped,
+    )
+
+
+def _detect(ckpt: Checkpoint, opts: Options) -> Detection:
+    try:
+        found = detect(ckpt.index, ckpt.config, opts.heads)
+    except ValueError as e:
+        raise UsageError(ckpt.path, str(e)) from e
+    kept = [b for b in found.blocks if opts.wants(b.name)]
+    found.skipped += [{"name": b.name, "layout": b.layout, "reason": "excluded by config"}
+                      for b in found.blocks if not opts.wants(b.name)]
+    found.blocks = kept
+    if not kept:
+        raise NoBlocksError(ckpt.path, _no_blocks_message(ckpt, found))
+    return found
+
+
+def _no_blocks_message(ckpt: Checkpoint, found: Detection) -> str:
+    try:
+        from xattn_doctor.layouts._nocross import explain_no_blocks
+    except ImportError:
+        explain_no_blocks = None
+    if explain_no_blocks is not None:
+        return explain_no_blocks(ckpt.index, ckpt.config, found.tried)
+    seen = f"; seen but left out: {len(found.skipped)} block(s)" if found.skipped else ""
+    return (f"no cross-attention block recognised among {len(ckpt.where)} tensors (layouts "
+            f"tried: {', '.join(found.tried)}){seen}; name the module as cross-attention, "
+            "or see README 'A model the tool does not recognise'")
+
+
+def _run_block(ckpt: Checkpoint, spec: BlockSpec, probe: Probe, settings: RunSettings,
+               opts: Options) -> tuple[BlockResult, list[Finding], str]:
+    tensors = ckpt.load(dict(spec.refs()))
+    cast = {r: t.to(settings.device, settings.dtype) if t.is_floating_point() else t
+            for r, t in tensors.items()}
+    block = RebuiltBlock(spec, cast)
+    del tensors, cast
+    inputs = probe.inputs_for(spec, block.p("learned_queries"))
+    metrics = measure(block, inputs, settings)
+    result = BlockResult(
+        name=spec.name, layout=spec.layout, heads=spec.heads, query_dim=spec.query_dim,
+        context_dim=spec.context_dim, pre_norm=spec.query_norm is not None,
+        qk_norm=spec.q_norm is not None or spec.k_norm is not None, gated=spec.gate is not None,
+        metrics=metrics, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
+        post_norm=spec.post_norm is not None, key_norm=spec.context_norm is not None,
+        heads_source=spec.heads_source, inputs=inputs.label,
+    )
+    ctx = BlockContext(result, spec, probe.source, settings.dtype.__repr__().replace("torch.", ""))
+    findings = run_rules(ctx, opts.thresholds, opts.disabled)
+    del block
+    gc.collect()
+    return result, findings, inputs.label
+
+
+def _info(ckpt: Checkpoint, found: Detection) -> CheckpointInfo:
+    layouts = Counter(b.layout for b in found.blocks)
+    layout = next(iter(layouts)) if len(layouts) == 1 else "mixed:" + ",".join(sorted(layouts))
+    return CheckpointInfo(path=str(ckpt.path), tensors=len(ckpt.where), bytes=ckpt.nbytes,
+                          dtype=ckpt.dtype, layout=layout,
+                          config=str(ckpt.config_path) if ckpt.config_path else None)

@@ -1,0 +1,178 @@
+"""The command line: options in, api call, render, write, exit code. Imports no torch itself."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from xattn_doctor import __version__
+from xattn_doctor.errors import DoctorError
+from xattn_doctor.findings import Report, Severity
+
+app = typer.Typer(pretty_exceptions_enable=False, add_completion=False,
+                  help="Diagnose unstable cross-attention blocks in a checkpoint.",
+                  no_args_is_help=True)
+
+
+def _check_format(value: str) -> str:
+    from xattn_doctor.formats import names
+
+    if value not in names():
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(names())}")
+    return value
+
+
+def _format_help() -> str:
+    from xattn_doctor.formats import get, names
+
+    return "Report format: " + "; ".join(f"{n} ({get(n).summary})" for n in names())
+
+
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help=_format_help(),
+                                        callback=_check_format)]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report "
+                      "here (after a successful diagnosis); the terminal gets a one-line summary.")]
+
+
+@contextmanager
+def error_boundary() -> Iterator[None]:
+    """Turn input errors (and anything unexpected) into one stderr line and exit code 2."""
+    debug = os.environ.get("XATTN_DOCTOR_DEBUG") == "1"
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except DoctorError as e:
+        if debug:
+            raise
+        typer.echo(f"xattn-doctor: error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as e:  # noqa: BLE001 - the contract: never a traceback
+        if debug:
+            raise
+        detail = " ".join(str(e).split()) or type(e).__name__
+        typer.echo(f"xattn-doctor: internal error: {type(e).__name__}: {detail} "
+                   "(set XATTN_DOCTOR_DEBUG=1 for the traceback)", err=True)
+        raise typer.Exit(2) from None
+
+
+def exit_code(reports: list[Report], fail_on: Severity | None) -> int:
+    """1 when any finding is at or above `fail_on` (None: never), else 0."""
+    if fail_on is None:
+        return 0
+    return int(any(f.severity.rank >= fail_on.rank for r in reports for f in r.findings))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"xattn-doctor {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version,
+                                                is_eager=True, help="Print the version.")]
+          = False) -> None:
+    """Diagnose unstable cross-attention blocks in a checkpoint."""
+
+
+@app.command()
+def diagnose(
+    checkpoints: Annotated[list[Path], typer.Argument(help="safetensors file, *.index.json, "
+                                                      "or a directory; several for a trend")],
+    probe: Annotated[Optional[Path], typer.Option(help="probe batch (.safetensors)")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    heads: Annotated[Optional[int], typer.Option(min=1, help="head count override")] = None,
+    fmt: FormatOpt = "text",
+    output: OutputOpt = None,
+    fail_on: Annotated[Optional[str], typer.Option(help="error | warning | never "
+                                                   "(default: config, else error)")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="thresholds YAML")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the synthetic probe and proxy loss")] = 0,
+) -> None:
+    """Diagnose the cross-attention blocks of one or more checkpoints."""
+    with error_boundary():
+        from xattn_doctor import api, options
+        from xattn_doctor.formats import get
+
+        raw, where = options.load_config(config)
+        opts = options.build(raw, where, fail_on=fail_on, heads=heads, device=device,
+                             dtype=dtype, seed=seed)
+        reports = api.diagnose(checkpoints, probe=probe, options=opts,
+                               progress=_progress(fmt, output))
+        text = get(fmt).render(reports, fail_on=opts.fail_on, color=_color(output, fmt))
+        _emit(text, output, reports)
+    raise typer.Exit(exit_code(reports, opts.fail_on))
+
+
+def _color(output: Path | None, fmt: str) -> bool:
+    return output is None and fmt == "text" and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def _progress(fmt: str, output: Path | None) -> object:
+    return None
+
+
+def _emit(text: str, output: Path | None, reports: list[Report]) -> None:
+    """Write the report to --output (then a one-line summary to stdout), or to stdout."""
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise DoctorError(output, f"cannot write report: {e.strerror or e}") from e
+    errors = sum(r.counts()[Severity.ERROR] for r in reports)
+    warnings = sum(r.counts()[Severity.WARNING] for r in reports)
+    worst = max((r.status for r in reports), key=("healthy", "warning", "error").index)
+    typer.echo(f"xattn-doctor: {worst}: {len(reports)} checkpoint(s), {errors} error(s), "
+               f"{warnings} warning(s); report written to {output}")
+
+
+@app.command()
+def rules() -> None:
+    """List every rule: code, symptom, default severity, thresholds, summary."""
+    with error_boundary():
+        from xattn_doctor.rules import all_rules
+
+        for r in all_rules():
+            typer.echo(f"{r.code}  {r.symptom.value:22} {r.severity.value:7}  "
+                       f"{r.summary}  [{r.threshold_text()}]")
+
+
+@app.command()
+def explain(code: Annotated[str, typer.Argument(help="rule code, e.g. XD101")]) -> None:
+    """Explain a rule: the symptom, why it happens, the fix with its config, references."""
+    with error_boundary():
+        import yaml
+
+        from xattn_doctor.rules import get
+
+        try:
+            rule = get(code)
+        except KeyError:
+            raise DoctorError(None, f"unknown rule code {code!r}; `xattn-doctor rules` lists "
+                                    "them") from None
+        typer.echo(f"{rule.code} {rule.slug} ({rule.symptom.value}, {rule.severity.value})")
+        typer.echo(rule.explain())
+        if rule.defaults:
+            typer.echo("\nThresholds (defaults): " + rule.threshold_text())
+        typer.echo(f"\nRemedy: {rule.remedy.summary}")
+        if rule.remedy.config:
+            typer.echo("Config:\n" + yaml.safe_dump(rule.remedy.config, sort_keys=False).rstrip())
+        if rule.remedy.code_change:
+            typer.echo("Code change:\n" + rule.remedy.code_change)
+        if rule.references:
+            typer.echo("References:\n" + "\n".join(f"  - {x}" for x in rule.references))
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

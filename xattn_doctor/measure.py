@@ -1,0 +1,147 @@
+"""Run one rebuilt block on its inputs, forward and backward, and measure it.
+
+Statistics come from the chunked pass (no gradients); gradient norms from a full forward and
+backward of a proxy loss <y, g> / (B * Lq), with g a seeded standard normal: the gradient a
+mean-reduced loss would send into the block's output. When the full backward would exceed the
+memory budget, it runs on a seeded subsample of the queries (`backward_queries` says how many).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from xattn_doctor.attention import RebuiltBlock, key_mask
+from xattn_doctor.findings import Metrics
+from xattn_doctor.probe import BlockInputs
+from xattn_doctor.spectral import bound
+from xattn_doctor.stats import DEFAULT_BUDGET, attention_stats
+
+ATTENTION_PATH = ("q.", "k.", "v.", "o.", "gate", "temperature", "q_norm", "k_norm",
+                  "query_norm", "context_norm", "bias_k", "bias_v")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How to run a block: device, dtype, memory budget for score tiles, seed."""
+
+    device: torch.device
+    dtype: torch.dtype
+    budget: int = DEFAULT_BUDGET
+    seed: int = 0
+
+
+def measure(block: RebuiltBlock, inputs: BlockInputs, run: RunSettings) -> Metrics:
+    """All metrics of one block (the block must already be on run.device in run.dtype)."""
+    x = inputs.x.to(run.device, run.dtype)
+    c = inputs.c.to(run.device, run.dtype)
+    mask = inputs.mask.to(run.device) if inputs.mask is not None else None
+    m = Metrics()
+    m.weight_norms = {r: float(p.detach().float().norm()) for r, p in
+                      block.role_parameters().items()}
+    m.nonfinite = {f"weight:{r}": n for r, p in block.role_parameters().items()
+                   if (n := _nonfinite(p))}
+    m.nonfinite.update({f"input:{n}": k for n, t in (("hidden_states", x), ("context", c))
+                        if (k := _nonfinite(t))})
+    with torch.no_grad():
+        _forward_stats(block, x, c, mask, run, m)
+    _backward(block, inputs, x, c, mask, run, m)
+    return m
+
+
+def _forward_stats(block: RebuiltBlock, x: Tensor, c: Tensor, mask: Tensor | None,
+                   run: RunSettings, m: Metrics) -> None:
+    x_in, c_in = block.inputs(x, c)
+    valid_c = mask if mask is not None else torch.ones(c.shape[:2], dtype=torch.bool,
+                                                       device=c.device)
+    m.query_rms = _rms(x_in)
+    m.context_rms = _rms(c_in[valid_c]) if bool(valid_c.any()) else math.nan
+    m.scale_ratio = m.context_rms / m.query_rms if m.query_rms else math.inf
+    raw_q, raw_c = _rms(x), _rms(c[valid_c]) if bool(valid_c.any()) else math.nan
+    m.scale_ratio_raw = raw_c / raw_q if raw_q else math.inf
+    q, k, _ = block.project(x_in, c_in)
+    valid = key_mask(mask, k.shape[-2], block.spec)
+    st = attention_stats(q, k, block.logits, valid, run.budget)
+    m.max_logit = st.max_logit
+    m.head_entropy, m.head_entropy_norm = st.head_entropy, st.head_entropy_norm
+    m.entropy_mean = _mean(st.head_entropy)
+    m.entropy_min_head = _min(st.head_entropy)
+    m.entropy_norm_mean = _mean(st.head_entropy_norm)
+    m.entropy_norm_min_head = _min(st.head_entropy_norm)
+    m.max_attention_weight = st.max_weight
+    m.saturated_query_share = st.saturated_share
+    m.top_key_share, m.top_key_share_max_head = st.top_key_share, st.top_key_share_max_head
+    m.top_key_index, m.valid_keys_mean = st.top_key_index, st.valid_keys_mean
+    if st.nonfinite_logits:
+        m.nonfinite["logits"] = st.nonfinite_logits
+    g = block.gate_value()
+    if g is not None:
+        gf = g.detach().float()
+        m.gate = float(gf.reshape(-1)[0]) if gf.numel() == 1 else float(gf.mean())
+        m.gate_abs_max = float(gf.abs().max())
+    t = block.p("temperature")
+    if t is not None:
+        m.temperature = float(t.detach().float().reshape(-1)[0])
+    sb = bound(block, x_in, c_in)
+    m.spectral_max_logit, m.spectral_bound_source = sb.max_logit, sb.source
+
+
+def _backward(block: RebuiltBlock, inputs: BlockInputs, x: Tensor, c: Tensor,
+              mask: Tensor | None, run: RunSettings, m: Metrics) -> None:
+    b, lq = x.shape[:2]
+    lk = c.shape[1]
+    per_query = b * block.spec.heads * lk * 4 * 8
+    keep = max(1, min(lq, run.budget // max(per_query, 1)))
+    gen = torch.Generator().manual_seed(run.seed)
+    learned = block.p("learned_queries")
+    if inputs.x_source == "learned" and learned is not None:
+        x = learned.reshape(1, -1, learned.shape[-1]).expand(b, -1, -1)
+    if keep < lq:
+        idx = torch.randperm(lq, generator=gen)[:keep].sort().values.to(x.device)
+        x = x.index_select(1, idx)
+    m.backward_queries = x.shape[1]
+    x = x if x.requires_grad else x.detach().requires_grad_(True)
+    c = c.detach().requires_grad_(True)
+    block.zero_grad(set_to_none=True)
+    block.train(False)
+    y = block(x, c, mask)
+    cot = torch.randn(y.shape, generator=gen).to(y.device)
+    loss = (y.float() * cot).sum() / (y.shape[0] * y.shape[1])
+    loss.backward()
+    m.output_rms = _rms(y.detach())
+    if (n := _nonfinite(y.detach())):
+        m.nonfinite["output"] = n
+    grads = {r: p.grad for r, p in block.role_parameters().items() if p.grad is not None}
+    m.grad_norms = {r: float(g.float().norm()) for r, g in grads.items()}
+    m.grad_norm = math.sqrt(sum(v * v for v in m.grad_norms.values()))
+    m.input_grad_norms = {n: float(t.grad.float().norm()) for n, t in
+                          (("hidden_states", x), ("encoder_hidden_states", c))
+                          if t.is_leaf and t.grad is not None}
+    path = [g for r, g in grads.items() if r.startswith(ATTENTION_PATH)]
+    m.zero_grad = bool(path) and all(bool((g == 0).all()) for g in path)
+    for r, g in grads.items():
+        if (n := _nonfinite(g)):
+            m.nonfinite[f"grad:{r}"] = n
+    block.zero_grad(set_to_none=True)
+
+
+def _nonfinite(t: Tensor) -> int:
+    return int((~torch.isfinite(t.detach())).sum()) if t.is_floating_point() else 0
+
+
+def _rms(t: Tensor) -> float:
+    t = t.detach().float()
+    return float(t.pow(2).mean().sqrt()) if t.numel() else math.nan
+
+
+def _mean(v: list[float]) -> float:
+    finite = [x for x in v if math.isfinite(x)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _min(v: list[float]) -> float:
+    finite = [x for x in v if math.isfinite(x)]
+    return min(finite) if finite else math.nan

@@ -1,0 +1,205 @@
+"""Run options and the thresholds config, validated against what each rule declares.
+
+The config is YAML (`--config FILE`) or the `[tool.xattn-doctor]` table of ./pyproject.toml:
+
+    fail_on: warning            # error | warning | never
+    disable: [XD202]            # rule codes (or aliases) to skip
+    thresholds:
+      XD101: {warn_at: 40, error_at: 80}
+    blocks:
+      include: ["*.cross_attn"] # fnmatch patterns on block names; diagnose only these
+      exclude: []
+    heads: 16                   # as --heads
+    memory_budget_mb: 256       # score tiles and backward pass
+
+An unknown key, rule code or option, or a wrongly typed value, is a ConfigError naming the
+file and the key (exit 2).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xattn_doctor.errors import ConfigError
+from xattn_doctor.findings import Severity
+
+TOP_KEYS = {"fail_on", "disable", "thresholds", "blocks", "heads", "memory_budget_mb"}
+FAIL_ON = {"error": Severity.ERROR, "warning": Severity.WARNING, "info": Severity.INFO,
+           "never": None}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that shapes one diagnosis, after CLI flags and config are merged."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    heads: int | None = None
+    seed: int = 0
+    fail_on: Severity | None = Severity.ERROR
+    thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    disabled: frozenset[str] = frozenset()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    budget_bytes: int = 256 * 2**20
+    config_path: str | None = None
+
+    def effective_thresholds(self) -> dict[str, dict[str, Any]]:
+        """Every enabled rule's options, defaults overlaid with the config."""
+        from xattn_doctor.rules import all_rules
+
+        return {r.code: {**r.defaults, **self.thresholds.get(r.code, {})}
+                for r in all_rules() if r.code not in self.disabled and r.defaults}
+
+    def wants(self, block: str) -> bool:
+        """True when the block passes the include/exclude patterns."""
+        if self.include and not any(fnmatch.fnmatchcase(block, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(block, p) for p in self.exclude)
+
+
+def parse_fail_on(value: str, where: str | None = None) -> Severity | None:
+    """'error' | 'warning' | 'info' | 'never' to a severity (None = never fail)."""
+    if value not in FAIL_ON:
+        raise ConfigError(where, f"fail_on: {value!r} is not one of error, warning, never")
+    return FAIL_ON[value]
+
+
+def load_config(path: Path | None, cwd: Path | None = None) -> tuple[dict[str, Any], str | None]:
+    """The raw config mapping and where it came from: --config, else ./pyproject.toml's table."""
+    if path is not None:
+        return _yaml(path), str(path)
+    pyproject = (cwd or Path.cwd()) / "pyproject.toml"
+    if pyproject.is_file():
+        table = _pyproject_table(pyproject)
+        if table is not None:
+            return table, f"{pyproject}[tool.xattn-doctor]"
+    return {}, None
+
+
+def build(raw: Mapping[str, Any], where: str | None, **flags: Any) -> Options:
+    """Validate `raw` and merge the CLI flags (a flag that is None defers to the config)."""
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise ConfigError(where, f"unknown key {sorted(unknown)[0]!r} (allowed: "
+                                 f"{', '.join(sorted(TOP_KEYS))})")
+    disabled = frozenset(_codes(raw.get("disable", []), where))
+    thresholds = _thresholds(raw.get("thresholds", {}), where)
+    blocks = _mapping(raw.get("blocks", {}), "blocks", where)
+    extra = set(blocks) - {"include", "exclude"}
+    if extra:
+        raise ConfigError(where, f"blocks: unknown key {sorted(extra)[0]!r} (include, exclude)")
+    fail_flag = flags.pop("fail_on", None)
+    fail_on = parse_fail_on(fail_flag if fail_flag is not None else
+                            _typed(raw, "fail_on", str, where, "error"), where)
+    heads = flags.pop("heads", None)
+    if heads is None:
+        heads = _typed(raw, "heads", int, where, None)
+    if heads is not None and heads < 1:
+        raise ConfigError(where, f"heads: must be a positive integer, not {heads}")
+    budget = _typed(raw, "memory_budget_mb", int, where, 256)
+    if budget < 1:
+        raise ConfigError(where, "memory_budget_mb: must be positive")
+    return Options(fail_on=fail_on, heads=heads, thresholds=thresholds, disabled=disabled,
+                   include=_patterns(blocks, "include", where),
+                   exclude=_patterns(blocks, "exclude", where),
+                   budget_bytes=budget * 2**20, config_path=where,
+                   **{k: v for k, v in flags.items() if v is not None})
+
+
+def _thresholds(raw: Any, where: str | None) -> dict[str, dict[str, Any]]:
+    from xattn_doctor.rules import get
+
+    out: dict[str, dict[str, Any]] = {}
+    for code, opts in _mapping(raw, "thresholds", where).items():
+        try:
+            rule = get(str(code))
+        except KeyError:
+            raise ConfigError(where, f"thresholds: unknown rule code {code!r}") from None
+        for name, value in _mapping(opts, f"thresholds.{code}", where).items():
+            if name not in rule.options:
+                allowed = ", ".join(rule.options) or "none"
+                raise ConfigError(where, f"thresholds.{code}: unknown option {name!r} "
+                                         f"(allowed: {allowed})")
+            out.setdefault(rule.code, {})[name] = _coerce(value, rule.options[name],
+                                                          f"thresholds.{code}.{name}", where)
+    return out
+
+
+def _coerce(value: Any, kind: type, key: str, where: str | None) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise ConfigError(where, f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _codes(raw: Any, where: str | None) -> list[str]:
+    from xattn_doctor.rules import canonical
+
+    if not isinstance(raw, list):
+        raise ConfigError(where, "disable: expected a list of rule codes")
+    out = []
+    for code in raw:
+        known = canonical(str(code))
+        if known is None:
+            raise ConfigError(where, f"disable: unknown rule code {code!r}")
+        out.append(known)
+    return out
+
+
+def _patterns(blocks: Mapping[str, Any], key: str, where: str | None) -> tuple[str, ...]:
+    value = blocks.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(where, f"blocks.{key}: expected a list of patterns")
+    return tuple(value)
+
+
+def _mapping(raw: Any, key: str, where: str | None) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(where, f"{key}: expected a mapping")
+    return raw
+
+
+def _typed(raw: Mapping[str, Any], key: str, kind: type, where: str | None, default: Any) -> Any:
+    if key not in raw:
+        return default
+    return _coerce(raw[key], kind, key, where)
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(path, f"cannot read config: {e.strerror or e}") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(path, f"not valid YAML: {' '.join(str(e).split())}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, "config must be a mapping at the top level")
+    return data
+
+
+def _pyproject_table(path: Path) -> dict[str, Any] | None:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(path, f"cannot read pyproject.toml: {e}") from e
+    table = data.get("tool", {}).get("xattn-doctor")
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError(path, "[tool.xattn-doctor] must be a table")
+    return table

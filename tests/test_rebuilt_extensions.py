@@ -53,3 +53,20 @@ def test_value_heads_of_their_own_width() -> None:
     one = _override_heads(spec, 1)
     assert (one.heads, one.head_dim, one.v_head_dim) == (1, 8, 12)
     assert spec.with_heads(4, 4, "cli").v_head_dim == 3
+
+
+def test_spectral_bound_covers_keys_from_the_queries() -> None:
+    from xattn_doctor.spectral import bound
+
+    torch.manual_seed(1)
+    t = {"q.weight": torch.randn(8, 8), "k.weight": torch.randn(8, 8),
+         "v.weight": torch.randn(8, 8), "o.weight": torch.randn(8, 8),
+         "query_norm.weight": torch.full((8,), 10.0), "context_norm.weight": torch.full((8,), 0.1)}
+    spec = _spec(kv_includes_queries=True, query_norm=Norm("layer", 8, TensorRef("n")),
+                 context_norm=Norm("layer", 8, TensorRef("c")))
+    blk = RebuiltBlock(spec, t)
+    x_in, c_in = blk.inputs(torch.randn(2, 6, 8), torch.randn(2, 5, 8))
+    with torch.no_grad():
+        q, k, _ = blk.project(x_in, c_in)
+        observed = float(blk.logits(q, k).max())
+    assert bound(blk, x_in, c_in).max_logit >= observed

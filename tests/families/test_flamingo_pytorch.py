@@ -199,3 +199,19 @@ def test_bfloat16_checkpoint(tmp_path: Path) -> None:
     assert open_checkpoint(folder).dtype == "bfloat16"
     det, _ = rebuild(folder)
     assert [s.name for s in det.blocks] == GATED + RESAMPLER
+
+
+def test_diagnose_end_to_end(saved: Path, tmp_path: Path) -> None:
+    from xattn_doctor.api import diagnose
+
+    scaled = _scaled(saved, tmp_path, "layers.1.1.attn.to_q.weight", 100.0)
+    before, after = diagnose([saved, scaled])
+    assert [b.name for b in before.blocks] == GATED + RESAMPLER
+    by_name = {b.name: b for b in before.blocks}
+    assert by_name["layers.0.1"].metrics.gate == pytest.approx(float(torch.tanh(torch.tensor(0.3))))
+    assert by_name[RESAMPLER[0]].inputs.startswith("queries=learned")
+    for b0, b1 in zip(before.blocks, after.blocks):
+        ratio = b1.metrics.max_logit / b0.metrics.max_logit
+        assert ratio == pytest.approx(100.0 if b1.name == "layers.1.1" else 1.0, rel=1e-3)
+    assert {f.block for f in after.findings if f.code == "XD101"} == {"layers.1.1"}  # max logit
+    assert not [f for f in before.findings if f.code == "XD101"]

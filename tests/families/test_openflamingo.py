@@ -246,3 +246,25 @@ def test_bfloat16_checkpoint(model: Any, tmp_path: Path) -> None:
     assert open_checkpoint(tmp_path).dtype == "bfloat16"
     det, _ = rebuild(tmp_path)
     assert [s.name for s in det.blocks] == GATED + RESAMPLER
+
+
+def test_diagnose_with_a_probe_matches_library(model: Any, official: Path, tmp_path: Path) -> None:
+    from xattn_doctor.api import diagnose
+
+    torch.manual_seed(5)
+    x, media = torch.randn(2, 5, LANG), torch.randn(2, 1, 7, VIS)
+    save_file({"hidden_states": x, "encoder_hidden_states": media.flatten(1, 2)},
+              str(tmp_path / "probe.safetensors"))
+    locations = torch.zeros(2, 5, dtype=torch.bool)
+    locations[:, 0] = True
+    with torch.no_grad(), recorded_einsum(OF.helpers, _attention_of) as seen:
+        model.lang_encoder.gated_cross_attn_layers[1].attn(x, media, media_locations=locations)
+    (report,) = diagnose([official], probe=tmp_path / "probe.safetensors")
+    assert [b.name for b in report.blocks] == GATED + RESAMPLER
+    assert report.checkpoint.layout == "openflamingo"
+    block = report.blocks[1]
+    assert block.inputs == "probe" and block.gated
+    assert block.metrics.entropy_mean == pytest.approx(float(entropy(seen[0]).mean()), abs=1e-4)
+    assert block.metrics.max_attention_weight == pytest.approx(float(seen[0].max()), abs=1e-4)
+    assert block.metrics.gate == pytest.approx(float(torch.tanh(torch.tensor(0.5))), abs=1e-6)
+    assert report.blocks[2].inputs == "queries=learned, context=probe"

@@ -244,3 +244,43 @@ def test_hf_perceiver_bfloat16(tf: Any, hf_model: Any, tmp_path: Path) -> None:
     assert open_checkpoint(tmp_path).dtype == "bfloat16"
     det, _ = rebuild(tmp_path)
     assert [s.name for s in det.blocks] == [ENC]
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+def test_diagnose_hf_perceiver_with_probe(hf_model: Any, hf_saved: Path, tmp_path: Path) -> None:
+    from xattn_doctor.api import diagnose
+
+    torch.manual_seed(6)
+    inputs = torch.randn(2, 5, 24)
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    save_file({"encoder_hidden_states": inputs, "encoder_attention_mask": mask},
+              str(tmp_path / "probe.safetensors"))
+    with torch.no_grad():
+        lib = hf_model(inputs, attention_mask=mask, output_attentions=True).cross_attentions[0]
+    (report,) = diagnose([hf_saved], probe=tmp_path / "probe.safetensors")
+    (block,) = report.blocks
+    assert (block.name, block.layout, block.heads) == (ENC, "hf_perceiver", 2)
+    assert block.inputs == "queries=learned, context=probe"
+    m = block.metrics
+    assert m.entropy_mean == pytest.approx(float(entropy(lib).mean()), abs=1e-4)
+    assert m.entropy_min_head == pytest.approx(float(entropy(lib).min()), abs=1e-4)
+    assert m.max_attention_weight == pytest.approx(float(lib.max()), abs=1e-4)
+    assert report.checkpoint.layout == "hf_perceiver"
+
+
+def test_diagnose_perceiver_pytorch_flags_the_scaled_block(lucid_saved: Path,
+                                                           tmp_path: Path) -> None:
+    from xattn_doctor.api import diagnose
+
+    sd = load_file(str(lucid_saved / "model.safetensors"))
+    sd["layers.1.cross_attn.fn.to_q.weight"] *= 30.0
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    write_config(tmp_path, LUCID)
+    before, after = diagnose([lucid_saved, tmp_path])
+    for b0, b1 in zip(before.blocks, after.blocks):
+        ratio = b1.metrics.max_logit / b0.metrics.max_logit
+        assert ratio == pytest.approx(30.0 if b1.name == CROSS[1] else 1.0, rel=1e-3)
+    assert {f.block for f in after.findings if f.code == "XD101"} == {CROSS[1]}  # max logit
+    assert not [f for f in before.findings if f.code == "XD101"]

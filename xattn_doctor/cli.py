@@ -96,6 +96,8 @@ def diagnose(
                                                    "(default: config, else error)")] = None,
     config: Annotated[Optional[Path], typer.Option(help="thresholds YAML")] = None,
     seed: Annotated[int, typer.Option(help="seed of the synthetic probe and proxy loss")] = 0,
+    baseline: Annotated[Optional[Path], typer.Option(help="earlier JSON report: fail only on "
+                                                     "findings it does not have")] = None,
 ) -> None:
     """Diagnose the cross-attention blocks of one or more checkpoints."""
     with error_boundary():
@@ -105,19 +107,59 @@ def diagnose(
         raw, where = options.load_config(config)
         opts = options.build(raw, where, fail_on=fail_on, heads=heads, device=device,
                              dtype=dtype, seed=seed)
-        reports = api.diagnose(checkpoints, probe=probe, options=opts,
-                               progress=_progress(fmt, output))
+        known = _baseline(baseline)
+        with progress_bar(fmt, output) as tick:
+            reports = api.diagnose(checkpoints, probe=probe, options=opts, progress=tick)
         text = get(fmt).render(reports, fail_on=opts.fail_on, color=_color(output, fmt))
         _emit(text, output, reports)
-    raise typer.Exit(exit_code(reports, opts.fail_on))
+        judged = reports if known is None else _only_new(reports, known)
+    raise typer.Exit(exit_code(judged, opts.fail_on))
+
+
+def _baseline(path: Path | None) -> set[tuple[str, str | None]] | None:
+    if path is None:
+        return None
+    from xattn_doctor.baseline import load_baseline
+
+    try:
+        return load_baseline(path)
+    except ValueError as e:
+        raise DoctorError(None, str(e)) from e
+
+
+def _only_new(reports: list[Report], known: set[tuple[str, str | None]]) -> list[Report]:
+    """Copies of the reports that keep only findings the baseline does not have."""
+    from dataclasses import replace
+
+    from xattn_doctor.baseline import new_findings
+
+    fresh = [replace(r, findings=new_findings(r, known)) for r in reports]
+    old = sum(len(r.findings) for r in reports) - sum(len(r.findings) for r in fresh)
+    typer.echo(f"xattn-doctor: baseline: {old} known finding(s) do not count toward "
+               "the exit code", err=True)
+    return fresh
 
 
 def _color(output: Path | None, fmt: str) -> bool:
     return output is None and fmt == "text" and sys.stdout.isatty() and "NO_COLOR" not in os.environ
 
 
-def _progress(fmt: str, output: Path | None) -> object:
-    return None
+@contextmanager
+def progress_bar(fmt: str, output: Path | None) -> Iterator[object]:
+    """A rich progress bar on stderr when it is a terminal and the report is for people."""
+    if not sys.stderr.isatty() or fmt not in ("text", "markdown"):
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("diagnosing", total=None)
+
+        def tick(name: str, index: int, total: int) -> None:
+            bar.update(task, total=total, completed=index, description=f"block {name}")
+
+        yield tick
 
 
 def _emit(text: str, output: Path | None, reports: list[Report]) -> None:
@@ -176,3 +218,6 @@ def explain(code: Annotated[str, typer.Argument(help="rule code, e.g. XD101")]) 
 def main() -> None:
     """Console entry point."""
     app()
+
+
+from xattn_doctor import cli_suggest  # noqa: E402,F401  registers suggest-config

@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any
 
 SCHEMA_VERSION = 1
+SATURATED_WEIGHT = 0.99  # a query whose largest attention weight exceeds this is saturated
 
 
 class Severity(str, Enum):

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-SATURATED = 0.99  # a query whose largest weight exceeds this is saturated
+from xattn_doctor.findings import SATURATED_WEIGHT as SATURATED
+
 DEFAULT_BUDGET = 256 * 2**20
 
 

@@ -96,7 +96,7 @@ def _findings(findings: list[Finding]) -> str:
     for symptom in Symptom:
         group = [f for f in findings if f.symptom is symptom]
         if group:
-            parts.append(f"**{symptom.title}**\n\n" + "\n".join(_finding(f) for f in group))
+            parts.append(f"**{symptom.heading}**\n\n" + "\n".join(_finding(f) for f in group))
     return "\n\n".join(parts)
 
 

@@ -58,8 +58,7 @@ def _report(con: Console, r: Report) -> None:
     for s in r.probe.synthesized:
         con.print(f"  synthesised inputs for {s}")
     con.print(_blocks_table(r))
-    for s in r.skipped:
-        con.print(f"  skipped {s['name']} ({s['layout']}): {s['reason']}")
+    _skipped(con, r)
     _findings(con, r.findings)
     _remedies(con, r.findings)
     counts = r.counts()
@@ -68,17 +67,30 @@ def _report(con: Console, r: Report) -> None:
 
 
 def _blocks_table(r: Report) -> Table:
-    t = Table(title=f"{len(r.blocks)} cross-attention block(s)", title_justify="left")
-    for col in ("block", "layout", "heads", "q/ctx dim", "max logit", "entropy (min head)",
-                "max weight", "grad norm", "scale ratio", "gate"):
-        t.add_column(col, overflow="fold")
+    t = Table(title=f"{len(r.blocks)} cross-attention block(s)", title_justify="left",
+              caption="logit: max scaled logit; H: attention entropy in nats (mean of heads, "
+                      "lowest head); w: max attention weight; grad: gradient norm; "
+                      "scale: RMS(context)/RMS(query) at the projections",
+              caption_justify="left")
+    for col in ("block", "heads", "q/ctx", "logit", "H mean", "H min", "w", "grad", "scale",
+                "gate"):
+        t.add_column(col, overflow="fold", justify="left" if col == "block" else "right")
     for b in r.blocks:
         m = b.metrics
         heads = f"{b.heads}/{b.kv_heads}" if b.kv_heads and b.kv_heads != b.heads else str(b.heads)
-        t.add_row(b.name or "<root>", b.layout, heads, f"{b.query_dim}/{b.context_dim}",
-                  num(m.max_logit), f"{num(m.entropy_mean)} ({num(m.entropy_min_head)})",
-                  num(m.max_attention_weight), num(m.grad_norm), num(m.scale_ratio), num(m.gate))
+        t.add_row(b.name or "<root>", heads, f"{b.query_dim}/{b.context_dim}", num(m.max_logit),
+                  num(m.entropy_mean), num(m.entropy_min_head), num(m.max_attention_weight),
+                  num(m.grad_norm), num(m.scale_ratio), num(m.gate))
     return t
+
+
+def _skipped(con: Console, r: Report) -> None:
+    by_reason: dict[str, list[str]] = {}
+    for s in r.skipped:
+        by_reason.setdefault(s["reason"], []).append(s["name"] or "<root>")
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        con.print(f"skipped {len(names)} ({reason}): {shown}", markup=False)
 
 
 def _findings(con: Console, findings: list[Finding]) -> None:

@@ -57,7 +57,22 @@ class XD101(Rule):
         sev = Severity.ERROR if value >= opts["error_at"] else Severity.WARNING
         limit = opts["error_at"] if sev is Severity.ERROR else opts["warn_at"]
         return [self.finding(ctx, sev, f"max attention logit {fmt(value)} >= {fmt(limit)}: "
-                             "softmax is saturated", {
+                             "softmax is saturated", remedy=self._remedy_for(ctx), evidence={
                                  "max_logit": value, "threshold": limit,
                                  "max_attention_weight": ctx.block.metrics.max_attention_weight,
-                                 "spectral_max_logit": ctx.block.metrics.spectral_max_logit})]
+                                 "spectral_max_logit": ctx.block.metrics.spectral_max_logit,
+                                 "qk_norm": ctx.block.qk_norm})]
+
+    def _remedy_for(self, ctx: BlockContext) -> Remedy:
+        """With qk-norm already in place, the norm gains are what grew: cap those instead."""
+        if not ctx.block.qk_norm:
+            return self.remedy
+        return Remedy(
+            summary="The block already has qk-norm, so its gains have grown: soft-cap the logits "
+                    "or cap the qk-norm gains (QK-Clip); clip gradients at 1.0.",
+            config={"cross_attention": {"logit_softcap": 50.0, "qk_norm_gain_max": 3.0},
+                    "gradient_clipping": {"max_grad_norm": 1.0, "clip_type": "norm"}},
+            references=(KIMI, GEMMA2, WORTSMAN),
+            code_change=("logits = 50.0 * torch.tanh(logits / 50.0)  # soft-cap\n"
+                         "self.q_norm.weight.data.clamp_(max=3.0)  # after each step"),
+        )

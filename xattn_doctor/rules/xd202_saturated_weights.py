@@ -6,11 +6,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from xattn_doctor.findings import SATURATED_WEIGHT as SATURATED
 from xattn_doctor.findings import Finding, Remedy, Severity, Symptom
 from xattn_doctor.rules import register
 from xattn_doctor.rules._base import BlockContext, Rule, fmt
 from xattn_doctor.rules._refs import SEED, ZHAI
-from xattn_doctor.stats import SATURATED
 
 
 @register

@@ -215,3 +215,22 @@ def test_diagnose_end_to_end(saved: Path, tmp_path: Path) -> None:
         assert ratio == pytest.approx(100.0 if b1.name == "layers.1.1" else 1.0, rel=1e-3)
     assert {f.block for f in after.findings if f.code == "XD101"} == {"layers.1.1"}  # max logit
     assert not [f for f in before.findings if f.code == "XD101"]
+
+
+def test_capture_probe_then_diagnose(model: torch.nn.Module, saved: Path, tmp_path: Path) -> None:
+    capture = pytest.importorskip("xattn_doctor.capture", reason="capture_probe not available")
+    from xattn_doctor.api import diagnose
+
+    torch.manual_seed(6)
+    text = torch.randint(4, 20, (2, 6))
+    text[:, 0] = 3  # the media token first: every text token sees the image
+    images = torch.randn(2, 1, 5, DIM)  # img_encoder is the identity
+    with recorded_einsum(fp_mod, _attention_of) as seen:
+        probe = capture.capture_probe(model, {"text": text, "images": images},
+                                      tmp_path / "probe.safetensors")
+    (report,) = diagnose([saved], probe=probe)
+    assert [b.inputs for b in report.blocks] == ["probe"] * 4
+    lib = seen[len(RESAMPLER)]  # the resampler layers run first, then layers.0.1
+    gated = report.blocks[0].metrics
+    assert gated.entropy_mean == pytest.approx(float(entropy(lib).mean()), abs=1e-4)
+    assert gated.max_attention_weight == pytest.approx(float(lib.max()), abs=1e-4)

@@ -268,3 +268,24 @@ def test_diagnose_with_a_probe_matches_library(model: Any, official: Path, tmp_p
     assert block.metrics.max_attention_weight == pytest.approx(float(seen[0].max()), abs=1e-4)
     assert block.metrics.gate == pytest.approx(float(torch.tanh(torch.tensor(0.5))), abs=1e-6)
     assert report.blocks[2].inputs == "queries=learned, context=probe"
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the library passes past_key_values
+def test_capture_probe_then_diagnose(model: Any, official: Path, tmp_path: Path) -> None:
+    capture = pytest.importorskip("xattn_doctor.capture", reason="capture_probe not available")
+    from xattn_doctor.api import diagnose
+
+    torch.manual_seed(6)
+    ids = torch.randint(3, 50, (2, 6))
+    ids[:, 0] = 2  # <image> first: every token sees the image's latents
+    with recorded_einsum(OF.helpers, _attention_of) as seen:
+        probe = capture.capture_probe(model, (torch.randn(2, 1, 1, VIS, 2, 2), ids),
+                                      tmp_path / "probe.safetensors")
+    (report,) = diagnose([official], probe=probe)
+    assert [b.inputs for b in report.blocks] == ["probe"] * len(GATED + RESAMPLER)
+    for i, block in enumerate(report.blocks[: len(GATED)]):
+        lib = seen[DEPTH + i]  # the resampler's layers run first
+        assert block.metrics.entropy_mean == pytest.approx(float(entropy(lib).mean()), abs=1e-4)
+        assert block.metrics.max_attention_weight == pytest.approx(float(lib.max()), abs=1e-4)
+    first = report.blocks[len(GATED)].metrics  # resampler layer 0: latents over media + latents
+    assert first.entropy_mean == pytest.approx(float(entropy(seen[0][:, :, 0]).mean()), abs=1e-4)

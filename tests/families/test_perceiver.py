@@ -284,3 +284,32 @@ def test_diagnose_perceiver_pytorch_flags_the_scaled_block(lucid_saved: Path,
         assert ratio == pytest.approx(30.0 if b1.name == CROSS[1] else 1.0, rel=1e-3)
     assert {f.block for f in after.findings if f.code == "XD101"} == {CROSS[1]}  # max logit
     assert not [f for f in before.findings if f.code == "XD101"]
+
+
+def test_capture_probe_then_diagnose(lucid: torch.nn.Module, lucid_saved: Path, hf_model: Any,
+                                     hf_saved: Path, pp: Any, tmp_path: Path) -> None:
+    capture = pytest.importorskip("xattn_doctor.capture", reason="capture_probe not available")
+    from xattn_doctor.api import diagnose
+
+    torch.manual_seed(7)
+    data, mask = torch.randn(2, 7, 3), torch.ones(2, 7, dtype=torch.bool)
+    mask[0, 5:] = False
+    with recorded_einsum(pp.perceiver_pytorch, _lucid_attention) as seen:
+        probe = capture.capture_probe(lucid, {"data": data, "mask": mask},
+                                      tmp_path / "lucid.safetensors")
+    (report,) = diagnose([lucid_saved], probe=probe)
+    for block, lib in zip(report.blocks, (seen[0], seen[2])):
+        assert block.inputs == "probe"
+        p = lib.reshape(2, 2, *lib.shape[1:])
+        assert block.metrics.entropy_mean == pytest.approx(float(entropy(p).mean()), abs=1e-4)
+    inputs, hf_mask = torch.randn(2, 5, 24), torch.ones(2, 5)
+    hf_mask[1, 2:] = 0
+    probe = capture.capture_probe(hf_model, {"inputs": inputs, "attention_mask": hf_mask},
+                                  tmp_path / "hf.safetensors")
+    with torch.no_grad():
+        lib = hf_model(inputs, attention_mask=hf_mask, output_attentions=True).cross_attentions[0]
+    (report,) = diagnose([hf_saved], probe=probe)
+    (block,) = report.blocks
+    assert block.inputs == "probe"
+    assert block.metrics.entropy_mean == pytest.approx(float(entropy(lib).mean()), abs=1e-4)
+    assert block.metrics.max_attention_weight == pytest.approx(float(lib.max()), abs=1e-4)

@@ -11,9 +11,10 @@ from xattn_doctor.layouts._base import BlockSpec, Linear, Norm, TensorRef
 
 
 def _spec(**kw: object) -> BlockSpec:
-    base = dict(name="b", layout="t", heads=2, kv_heads=2, head_dim=4, query_dim=8,
-                context_dim=8, q=Linear(TensorRef("q")), k=Linear(TensorRef("k")),
-                v=Linear(TensorRef("v")), o=Linear(TensorRef("o")))
+    base: dict[str, object] = {
+        "name": "b", "layout": "t", "heads": 2, "kv_heads": 2, "head_dim": 4, "query_dim": 8,
+        "context_dim": 8, "q": Linear(TensorRef("q")), "k": Linear(TensorRef("k")),
+        "v": Linear(TensorRef("v")), "o": Linear(TensorRef("o"))}
     base.update(kw)
     return BlockSpec(**base)  # type: ignore[arg-type]
 
@@ -47,7 +48,7 @@ def test_value_heads_of_their_own_width() -> None:
     spec = _spec(query_dim=6, context_dim=5, v_head_dim=6)
     blk = RebuiltBlock(spec, t)
     x, c = torch.randn(1, 3, 6), torch.randn(1, 4, 5)
-    q, k, v = blk.project(*blk.inputs(x, c))
+    _, k, v = blk.project(*blk.inputs(x, c))
     assert v.shape == (1, 2, 4, 6) and k.shape == (1, 2, 4, 4)
     assert blk(x, c).shape == (1, 3, 6)
     one = _override_heads(spec, 1)

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 fp = pytest.importorskip("flamingo_pytorch", reason="flamingo-pytorch (lucidrains) not installed")
-from flamingo_pytorch import flamingo_pytorch as fp_mod  # noqa: E402
-from safetensors.torch import load_file, save_file, save_model  # noqa: E402
+from flamingo_pytorch import flamingo_pytorch as fp_mod
+from safetensors.torch import load_file, save_file, save_model
 
-from xattn_doctor.checkpoint import open_checkpoint  # noqa: E402
-from xattn_doctor.layouts import all_layouts  # noqa: E402
+from xattn_doctor.checkpoint import open_checkpoint
+from xattn_doctor.layouts import all_layouts
 
-from _block_check import (  # noqa: E402
+from _block_check import (
     entropy, max_logit, probs, rebuild, recorded_calls, recorded_einsum, write_config,
 )
 

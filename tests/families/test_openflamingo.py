@@ -26,14 +26,14 @@ if importlib.util.find_spec("open_flamingo") is None:
     pytest.skip("open_flamingo not installed (pip install --no-deps open_flamingo)",
                 allow_module_level=True)
 
-from huggingface_hub import save_torch_state_dict  # noqa: E402
-from safetensors.torch import load_file, save_file, save_model  # noqa: E402
+from huggingface_hub import save_torch_state_dict
+from safetensors.torch import load_file, save_file, save_model
 
-from xattn_doctor.attention import RebuiltBlock  # noqa: E402
-from xattn_doctor.checkpoint import open_checkpoint  # noqa: E402
-from xattn_doctor.layouts import KeyIndex, ModelConfig, all_layouts, detect  # noqa: E402
+from xattn_doctor.attention import RebuiltBlock
+from xattn_doctor.checkpoint import open_checkpoint
+from xattn_doctor.layouts import KeyIndex, ModelConfig, all_layouts, detect
 
-from _block_check import (  # noqa: E402
+from _block_check import (
     entropy, max_logit, probs, rebuild, recorded_calls, recorded_einsum,
 )
 

@@ -26,9 +26,9 @@ def _layout(name: str) -> Any:
 
 # --- perceiver-pytorch -------------------------------------------------------------------------
 
-LUCID = dict(num_freq_bands=2, depth=2, max_freq=4.0, input_channels=3, input_axis=1,
-             num_latents=5, latent_dim=32, cross_heads=2, latent_heads=2, cross_dim_head=8,
-             latent_dim_head=8, num_classes=3)
+LUCID = {"num_freq_bands": 2, "depth": 2, "max_freq": 4.0, "input_channels": 3,
+         "input_axis": 1, "num_latents": 5, "latent_dim": 32, "cross_heads": 2,
+         "latent_heads": 2, "cross_dim_head": 8, "latent_dim_head": 8, "num_classes": 3}
 CONTEXT = 3 + 1 * (2 * 2 + 1)  # input channels + fourier features
 CROSS = ["layers.0.cross_attn", "layers.1.cross_attn"]
 
@@ -146,9 +146,9 @@ def test_perceiver_pytorch_pathology_in_one_block(lucid_saved: Path, tmp_path: P
 # --- transformers Perceiver --------------------------------------------------------------------
 
 ENC = "encoder.cross_attention.attention"
-HF_CONFIG = dict(num_latents=6, d_latents=32, d_model=24, num_blocks=1,
-                 num_self_attends_per_block=1, num_self_attention_heads=2,
-                 num_cross_attention_heads=2, qk_channels=16, v_channels=32)
+HF_CONFIG = {"num_latents": 6, "d_latents": 32, "d_model": 24, "num_blocks": 1,
+             "num_self_attends_per_block": 1, "num_self_attention_heads": 2,
+             "num_cross_attention_heads": 2, "qk_channels": 16, "v_channels": 32}
 
 
 @pytest.fixture(scope="module")

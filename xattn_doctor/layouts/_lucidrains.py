@@ -21,20 +21,20 @@ from xattn_doctor.layouts._base import (
 HeadsFn = Callable[[int], tuple[int, HeadsSource]]
 
 GATED_NOTES = (
-    "Flamingo GatedCrossAttentionBlock: y = x + tanh(attn_gate) * attn(norm(x), media); the "
-    "feed-forward half that follows (ff, gated by tanh(ff_gate)) is not rebuilt.",
-    "Media-location masking is per text token (each token sees the media before it; with "
-    "only_attend_immediate_media, only the latest one). The probe's encoder_attention_mask is "
-    "one mask per media token for all queries, i.e. only_attend_immediate_media=False with all "
-    "media before the text; with several media per sample the measured entropy can be higher "
-    "than in training (more keys visible).",
+    ("Flamingo GatedCrossAttentionBlock: y = x + tanh(attn_gate) * attn(norm(x), media); the "
+     "feed-forward half that follows (ff, gated by tanh(ff_gate)) is not rebuilt."),
+    ("Media-location masking is per text token (each token sees the media before it; with "
+     "only_attend_immediate_media, only the latest one). The probe's encoder_attention_mask is "
+     "one mask per media token for all queries, i.e. only_attend_immediate_media=False with all "
+     "media before the text; with several media per sample the measured entropy can be higher "
+     "than in training (more keys visible)."),
 )
 LATER_LAYER_NOTE = (
     "Its queries are the latents as updated by the layers before it (the learned latents "
     "drive only the first layer); without a captured probe they are synthetic.")
 RESAMPLER_NOTES = (
-    "Perceiver resampler attention: keys and values come from cat(norm_media(media), "
-    "norm_latents(latents)); y = latents + attn (the residual is added by the resampler loop).",
+    ("Perceiver resampler attention: keys and values come from cat(norm_media(media), "
+     "norm_latents(latents)); y = latents + attn (the residual is added by the resampler loop)."),
 )
 
 

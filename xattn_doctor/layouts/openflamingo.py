@@ -64,7 +64,8 @@ class OpenFlamingo:
         found: list[BlockSpec] = []
         mirrors: dict[str, str] = {}
         for m in modules:
-            if MIRROR.match(m) and (primary := _primary_of(m, modules)) is not None:
+            primary = _primary_of(m, modules) if MIRROR.match(m) else None
+            if primary is not None and specs[primary] is not None:
                 mirrors[primary] = m
         for m, spec in specs.items():
             if spec is None or m in mirrors.values():
@@ -82,8 +83,8 @@ class OpenFlamingo:
         if mirror is None:
             return replace(spec, notes=notes)
         return replace(spec, extra_keys=spec.extra_keys + tuple(sorted(mirror.keys())),
-                       notes=notes + (f"Also saved as {mirror.name} (the same module under "
-                                      "FlamingoLMMixin's second name); read from here.",))
+                       notes=notes + ((f"Also saved as {mirror.name} (the same module under "
+                                       "FlamingoLMMixin's second name); read from here."),))
 
     def capture(self, spec: BlockSpec, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> dict[str, Any] | None:

@@ -78,9 +78,9 @@ class HFPerceiver:
         if module == DECODER_TAIL or module.endswith("." + DECODER_TAIL):
             arch = next(iter(config.get("architectures", default=None) or []), None)
             heads, residual = DECODERS.get(arch or "", DECODER_DEFAULT)
-            note = (f"Decoder heads ({heads}) and query residual ({residual}) are what "
-                    f"{arch or 'PerceiverBasicDecoder (by default)'} builds; they are not in "
-                    "config.json.",)
+            note = ((f"Decoder heads ({heads}) and query residual ({residual}) are what "
+                     f"{arch or 'PerceiverBasicDecoder (by default)'} builds; they are not in "
+                     "config.json."),)
             return heads, residual, "config" if arch in DECODERS else "default", note
         heads = config.get_int("num_cross_attention_heads")
         residual = config.get("use_query_residual", default=True) is not False

@@ -22,9 +22,9 @@ from xattn_doctor.layouts._lucidrains import (
 )
 
 DECODER = "decoder_cross_attn"
-NOTES = ("Perceiver's inverted_cross_attn (softmax over the latents) and PerceiverBlock's "
-         "queries_contribute_kv are constructor options the weights do not show; diagnosed as "
-         "the default softmax over the context.",)
+NOTES = (("Perceiver's inverted_cross_attn (softmax over the latents) and PerceiverBlock's "
+          "queries_contribute_kv are constructor options the weights do not show; diagnosed as "
+          "the default softmax over the context."),)
 
 
 @register

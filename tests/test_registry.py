@@ -67,3 +67,15 @@ def test_cli_help_lists_every_format() -> None:
     r = CliRunner().invoke(app, ["diagnose", "--help"], env={"COLUMNS": "300"})
     for name in names():
         assert name in r.stdout
+
+
+def test_help_rules_and_explain_import_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from xattn_doctor.cli import app; "
+            "r = CliRunner(); [r.invoke(app, a) for a in (['--help'], ['rules'], "
+            "['explain', 'XD101'], ['diagnose', '--help'])]; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=PKG.parent, check=True)
+    assert out.stdout.strip() == "False"

@@ -103,21 +103,21 @@ def test_negative_gate_saturating_in_magnitude() -> None:
 
 
 def test_grad_norm_rising() -> None:
-    (f,) = trend_findings(series("grad_norm", [10.0, 40.0, 70.0]))
+    (f,) = trend_findings(series("grad_norm", [1.0, 4.0, 7.0]))
     assert (f.code, f.evidence["projected_step"]) == ("XD106", 4000)
 
 
 def test_thresholds_come_from_the_last_report() -> None:
-    reports = series("max_logit", [20.0, 25.0, 30.0], thresholds={"XD101": {"warn": 35.0}})
+    reports = series("max_logit", [20.0, 25.0, 30.0], thresholds={"XD101": {"warn_at": 35.0}})
     (f,) = trend_findings(reports)
     assert (f.evidence["threshold"], f.evidence["projected_step"]) == (35.0, 4000)
-    assert f.evidence["threshold_from"] == "XD101.warn"
+    assert f.evidence["threshold_from"] == "XD101.warn_at"
 
 
 def test_explicit_thresholds_override_the_reports() -> None:
-    reports = series("max_logit", [20.0, 25.0, 30.0], thresholds={"XD101": {"warn": 35.0}})
-    assert trend_findings(reports, {"XD101": {"warn": 28.0}}) == []
-    (kept,) = trend_findings(reports, {"XD101": {"error": 100.0}})  # warn from the report
+    reports = series("max_logit", [20.0, 25.0, 30.0], thresholds={"XD101": {"warn_at": 35.0}})
+    assert trend_findings(reports, {"XD101": {"warn_at": 28.0}}) == []
+    (kept,) = trend_findings(reports, {"XD101": {"error_at": 100.0}})  # warn from the report
     assert kept.evidence["threshold"] == 35.0
     assert trend_findings(reports, {"XD105": {"min_checkpoints": 4}}) == []
     assert trend_findings(reports, disabled=frozenset({"XD105"})) == []

@@ -116,7 +116,8 @@ def _run_block(ckpt: Checkpoint, spec: BlockSpec, probe: Probe, settings: RunSet
         post_norm=spec.post_norm is not None, key_norm=spec.context_norm is not None,
         heads_source=spec.heads_source, inputs=inputs.label,
     )
-    ctx = BlockContext(result, spec, probe.source, settings.dtype.__repr__().replace("torch.", ""))
+    ctx = BlockContext(result, spec, probe.source, str(settings.dtype).replace("torch.", ""),
+                       ckpt.dtype)
     findings = run_rules(ctx, opts.thresholds, opts.disabled)
     del block
     gc.collect()

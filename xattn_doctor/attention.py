@@ -125,10 +125,11 @@ class RebuiltBlock(nn.Module):
         q, k, v = self.project(x_in, c_in)
         logits = self.logits(q, k).float()
         valid = key_mask(mask, k.shape[-2], self.spec)
-        if valid is not None:
-            logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).to(v.dtype)
-        return self.finish(x, probs @ v)
+        probs = torch.softmax(logits if valid is None else
+                              logits.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
+        if valid is not None:  # a query with every key masked attends to nothing (not NaN)
+            probs = probs.masked_fill(~valid.any(-1)[:, None, None, None], 0.0)
+        return self.finish(x, probs.to(v.dtype) @ v)
 
 
 def key_mask(mask: Tensor | None, n_keys: int, spec: BlockSpec) -> Tensor | None:

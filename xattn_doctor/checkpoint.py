@@ -117,9 +117,11 @@ def _refuse_pickle(path: Path) -> None:
         raise PickleRefused(path)
     try:
         with path.open("rb") as fh:
-            magic = fh.read(4)
+            magic = fh.read(9)
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
+    if magic[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        return
     if magic[:1] == b"\x80" and len(magic) > 1 and 2 <= magic[1] <= 5 or magic[:2] == b"PK":
         raise PickleRefused(path)
 

@@ -138,6 +138,7 @@ class Metrics:
     weight_norms: dict[str, float] = field(default_factory=dict)
     temperature: float | None = None
     output_rms: float | None = None
+    max_abs_activation: float | None = None
     backward_queries: int | None = None
 
     def to_json(self) -> dict[str, Any]:

@@ -62,7 +62,8 @@ def _forward_stats(block: RebuiltBlock, x: Tensor, c: Tensor, mask: Tensor | Non
     m.scale_ratio = m.context_rms / m.query_rms if m.query_rms else math.inf
     raw_q, raw_c = _rms(x), _rms(c[valid_c]) if bool(valid_c.any()) else math.nan
     m.scale_ratio_raw = raw_c / raw_q if raw_q else math.inf
-    q, k, _ = block.project(x_in, c_in)
+    q, k, v = block.project(x_in, c_in)
+    m.max_abs_activation = max(_absmax(t) for t in (x_in, c_in, q, k, v))
     valid = key_mask(mask, k.shape[-2], block.spec)
     st = attention_stats(q, k, block.logits, valid, run.budget)
     m.max_logit = st.max_logit
@@ -112,6 +113,7 @@ def _backward(block: RebuiltBlock, inputs: BlockInputs, x: Tensor, c: Tensor,
     loss = (y.float() * cot).sum() / (y.shape[0] * y.shape[1])
     loss.backward()
     m.output_rms = _rms(y.detach())
+    m.max_abs_activation = max(m.max_abs_activation or 0.0, _absmax(y))
     if (n := _nonfinite(y.detach())):
         m.nonfinite["output"] = n
     grads = {r: p.grad for r, p in block.role_parameters().items() if p.grad is not None}
@@ -130,6 +132,12 @@ def _backward(block: RebuiltBlock, inputs: BlockInputs, x: Tensor, c: Tensor,
 
 def _nonfinite(t: Tensor) -> int:
     return int((~torch.isfinite(t.detach())).sum()) if t.is_floating_point() else 0
+
+
+def _absmax(t: Tensor) -> float:
+    t = t.detach()
+    finite = t[torch.isfinite(t)]
+    return float(finite.abs().max()) if finite.numel() else 0.0
 
 
 def _rms(t: Tensor) -> float:

@@ -54,8 +54,27 @@ def resolve(device: str, dtype: str, checkpoint_dtype: str) -> Runtime:
     chosen = DTYPES.get(wanted, torch.float32)
     if chosen not in (torch.float32, torch.float64) and not _runs(dev, chosen):
         return Runtime(dev, torch.float32, f"{wanted} is not supported on {dev}; ran float32")
+    if dtype == "auto" and dev.type == "cpu" and chosen in (torch.bfloat16, torch.float16) \
+            and not cpu_has_native(chosen):
+        return Runtime(dev, torch.float32, f"this CPU has no native {wanted} (emulated, "
+                                           "~100x slower); ran float32, --dtype forces it")
     note = None if wanted in DTYPES else f"checkpoint dtype {wanted} has no probe dtype; ran float32"
     return Runtime(dev, chosen, note)
+
+
+NATIVE_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"},
+                torch.float16: {"avx512_fp16", "amx_fp16", "fphp", "asimdhp"}}
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """True when /proc/cpuinfo lists an instruction set for `dtype` matrix work."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            flags = {w for line in fh if line.lower().startswith(("flags", "features"))
+                     for w in line.split(":", 1)[-1].split()}
+    except OSError:
+        return False
+    return bool(flags & NATIVE_FLAGS.get(dtype, set()))
 
 
 def _runs(dev: torch.device, dtype: torch.dtype) -> bool:

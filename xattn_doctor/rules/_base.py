@@ -24,6 +24,7 @@ class BlockContext:
     spec: BlockSpec
     probe_source: str  # "file" | "synthetic"
     dtype: str  # the dtype the probe ran in
+    checkpoint_dtype: str = "float32"  # the dtype the weights were saved in
 
     @property
     def synthetic(self) -> bool:

@@ -33,8 +33,8 @@ class XD203(Rule):
     symptom = Symptom.ATTENTION_COLLAPSE
     severity = Severity.WARNING
     summary = "one key is the top key of >= 90% of queries (info when entropy stays healthy)"
-    options = {"share": float, "healthy_entropy": float}
-    defaults = {"share": 0.9, "healthy_entropy": 0.5}
+    options = {"share": float, "healthy_entropy": float, "uniform_entropy": float}
+    defaults = {"share": 0.9, "healthy_entropy": 0.5, "uniform_entropy": 0.999}
     references = (SEED, SINKS)
     remedy = Remedy(
         summary="If entropy is low, treat as collapse (dropout, entropy regulariser, qk-norm); "
@@ -53,6 +53,8 @@ class XD203(Rule):
         if (m.valid_keys_mean or 0) < 2:
             return []
         ent = m.entropy_norm_mean if m.entropy_norm_mean is not None else math.nan
+        if math.isfinite(ent) and ent > opts["uniform_entropy"]:
+            return []  # (near-)uniform attention: argmax ties, not a favourite key
         sink = math.isfinite(ent) and ent >= opts["healthy_entropy"]
         evidence = {"top_key_share": share, "top_key_index": m.top_key_index,
                     "entropy_norm_mean": ent, "entropy_mean": m.entropy_mean}

@@ -1,0 +1,142 @@
+"""`capture_probe`: run the user's model once on a real batch and record what reaches each block.
+
+The blocks are found exactly as `diagnose` finds them (from the model's own state dict and
+config), so the probe's per-block keys carry the names the report uses. Hooks are removed and
+the model's train/eval mode restored in `finally`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from xattn_doctor.errors import ProbeError
+from xattn_doctor.layouts import all_layouts, detect
+from xattn_doctor.layouts._base import BlockSpec, KeyIndex, ModelConfig
+
+QUERY_KWARGS = ("hidden_states", "x", "query", "text_features", "latents", "lang_x")
+CONTEXT_KWARGS = ("encoder_hidden_states", "cross_attention_states", "context", "key",
+                  "visual_features", "media", "image_features", "image_hidden_states",
+                  "encoder_outputs", "kv")
+MASK_KWARGS = ("encoder_attention_mask", "cross_attention_mask", "key_padding_mask",
+               "context_mask", "mask", "image_attention_mask")
+
+
+def capture_probe(model: nn.Module, inputs: Mapping[str, Any] | tuple[Any, ...],
+                  path: str | Path) -> Path:
+    """Run `model(**inputs)` (or `model(*inputs)`) once; write the per-block probe to `path`."""
+    specs = _blocks(model)
+    records: dict[str, dict[str, Tensor]] = {}
+    hooks = []
+    was_training = model.training
+    try:
+        for spec in specs:
+            module = _module(model, spec.name)
+            if module is not None:
+                hooks.append(module.register_forward_pre_hook(_recorder(spec, records),
+                                                              with_kwargs=True))
+        model.eval()
+        with torch.no_grad():
+            if isinstance(inputs, Mapping):
+                model(**inputs)
+            else:
+                model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not records:
+        raise ProbeError(path, "no cross-attention block of the model received inputs in this "
+                               f"forward pass (blocks: {', '.join(s.name for s in specs)})")
+    tensors = {f"{name}.{key}" if name else key: t.contiguous()
+               for name, rec in records.items() for key, t in rec.items()}
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    save_file(tensors, str(out))
+    return out
+
+
+def _blocks(model: nn.Module) -> list[BlockSpec]:
+    index = KeyIndex({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    cfg = getattr(model, "config", None)
+    data = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    found = detect(index, ModelConfig(data))
+    if not found.blocks:
+        raise ProbeError(None, "no cross-attention block recognised in the model")
+    return found.blocks
+
+
+def _module(model: nn.Module, name: str) -> nn.Module | None:
+    if not name:
+        return model
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _recorder(spec: BlockSpec, records: dict[str, dict[str, Tensor]]):  # type: ignore[no-untyped-def]
+    layout = next((lay for lay in all_layouts() if lay.name == spec.layout), None)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if spec.name in records:
+            return  # the first call is the one the probe records
+        got = None
+        if layout is not None and hasattr(layout, "capture"):
+            got = layout.capture(spec, args, kwargs)
+        if got is None:
+            got = _generic(module, spec, args, kwargs)
+        if got is not None:
+            records[spec.name] = {k: v.detach().float().cpu().clone() if k != "encoder_attention_mask"
+                                  else v.detach().bool().cpu().clone() for k, v in got.items()}
+
+    return hook
+
+
+def _generic(module: nn.Module, spec: BlockSpec, args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> dict[str, Tensor] | None:
+    """Queries: first tensor argument (or a known keyword); context: the next one."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    x = next((kwargs[k] for k in QUERY_KWARGS if isinstance(kwargs.get(k), Tensor)), None)
+    if x is None and tensors:
+        x = tensors.pop(0)
+    elif x is not None and tensors and tensors[0] is x:
+        tensors.pop(0)
+    c = next((kwargs[k] for k in CONTEXT_KWARGS if isinstance(kwargs.get(k), Tensor)), None)
+    if c is None and tensors:
+        c = tensors[0]
+    if x is None or c is None:
+        return None
+    if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+        x, c = x.transpose(0, 1), c.transpose(0, 1)
+    if x.dim() != 3 or c.dim() != 3 or x.shape[-1] != spec.query_dim \
+            or c.shape[-1] != spec.context_dim:
+        return None
+    out = {"hidden_states": x, "encoder_hidden_states": c}
+    mask = _mask(kwargs, c)
+    if mask is not None:
+        out["encoder_attention_mask"] = mask
+    return out
+
+
+def _mask(kwargs: dict[str, Any], c: Tensor) -> Tensor | None:
+    """A [B, Lk] keep-mask from the usual conventions (bool keep, bool pad, 0/1, additive)."""
+    for name in MASK_KWARGS:
+        m = kwargs.get(name)
+        if not isinstance(m, Tensor):
+            continue
+        if name == "key_padding_mask":
+            m = ~m.bool() if m.dtype == torch.bool else m == 0
+        elif m.is_floating_point() and bool((m < 0).any()):
+            m = m > -1.0  # additive mask: 0 keeps, a large negative hides
+        m = m.bool()
+        while m.dim() > 2:
+            m = m.any(dim=-2) if m.shape[-2] > 1 else m.squeeze(-2)
+        if tuple(m.shape) == tuple(c.shape[:2]):
+            return m
+    return None

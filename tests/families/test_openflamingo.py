@@ -119,7 +119,7 @@ def test_official_checkpoint_sharded(official: Path) -> None:
     assert [s.name for s in det.blocks] == GATED + RESAMPLER
     for s in det.blocks:
         assert (s.layout, s.heads, s.kv_heads, s.head_dim, s.heads_source) == \
-            ("openflamingo", 8, 8, 64, "default")
+            ("openflamingo", 8, 8, 64, "config")
     gated, res = det.blocks[0], det.blocks[2]
     assert (gated.query_dim, gated.context_dim) == (LANG, VIS)
     assert gated.gate is not None and gated.gate.param.key == GATED[0] + ".attn_gate"

@@ -9,8 +9,9 @@ checkpoints keep only the latter; a full `state_dict()` holds both (one module, 
 deduplicating save keeps either. Both copies are reported as one block, named by the
 FlamingoLayer path. The resampler is `perceiver.layers.N.0` with `perceiver.latents`.
 
-Heads: OpenFlamingo builds every block with the library default dim_head=64 (8 heads); no config
-field holds it (a config.json beside the weights describes the language model, not these blocks).
+Heads: OpenFlamingo builds every block with the library defaults, 8 heads of 64 (inner width 512);
+no config field holds them (a config.json beside the weights describes the language model, not
+these blocks). They are reported with heads_source "config" (fixed by the architecture).
 """
 
 from __future__ import annotations
@@ -29,10 +30,16 @@ from xattn_doctor.layouts._lucidrains import (
 )
 
 MIRROR = re.compile(r"^(?:(?P<root>.*)\.)?gated_cross_attn_layers\.(?P<n>\d+)$")
-HEADS_NOTE = ("Heads: OpenFlamingo builds these blocks with dim_head=64; --heads overrides.")
+LIBRARY_HEADS = 8  # GatedCrossAttentionBlock and PerceiverResampler as OpenFlamingo builds them
+HEADS_NOTE = ("Heads: OpenFlamingo builds these blocks with 8 heads of 64 (its defaults, not in "
+              "any config file); --heads overrides.")
 
 
 def _heads(inner: int) -> tuple[int, HeadsSource]:
+    """8 heads of 64 when the width is OpenFlamingo's fixed 512 (not assumed: the library
+    builds every block so), else the documented default."""
+    if inner == LIBRARY_HEADS * 64:
+        return LIBRARY_HEADS, "config"
     return default_heads(inner), "default"
 
 

@@ -65,7 +65,8 @@ class RebuiltBlock(nn.Module):
     def project(self, x_in: Tensor, c_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B,H,Lq,d], k and v [B,H,Lk',d] (GQA-expanded, qk-normed, bias_k/v appended)."""
         s = self.spec
-        q, k, v = self._linear(x_in, "q"), self._linear(c_in, "k"), self._linear(c_in, "v")
+        kv_in = torch.cat([c_in, x_in], dim=-2) if s.kv_includes_queries else c_in
+        q, k, v = self._linear(x_in, "q"), self._linear(kv_in, "k"), self._linear(kv_in, "v")
         bk, bv = self.p("bias_k"), self.p("bias_v")
         if bk is not None and bv is not None:
             k = torch.cat([k, bk.reshape(1, 1, -1).expand(k.shape[0], 1, -1)], dim=1)
@@ -75,7 +76,7 @@ class RebuiltBlock(nn.Module):
             k = self._norm(k, s.k_norm, "k_norm")
         q = q.unflatten(-1, (s.heads, s.head_dim)).transpose(1, 2)
         k = k.unflatten(-1, (s.kv_heads, s.head_dim)).transpose(1, 2)
-        v = v.unflatten(-1, (s.kv_heads, s.head_dim)).transpose(1, 2)
+        v = v.unflatten(-1, (s.kv_heads, s.v_head_dim or s.head_dim)).transpose(1, 2)
         if s.qk_norm_per_head:
             q = self._norm(q, s.q_norm, "q_norm")
             k = self._norm(k, s.k_norm, "k_norm")
@@ -132,10 +133,12 @@ class RebuiltBlock(nn.Module):
 
 
 def key_mask(mask: Tensor | None, n_keys: int, spec: BlockSpec) -> Tensor | None:
-    """The boolean [B, Lk'] key mask, extended for an appended bias_k key (always valid)."""
+    """The boolean [B, Lk'] key mask, extended for keys that are always valid: the queries
+    themselves (kv_includes_queries) and an appended bias_k key."""
     if mask is None:
         return None
     valid = mask.bool()
-    if spec.bias_k is not None and valid.shape[-1] == n_keys - 1:
-        valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=-1)
+    pad = n_keys - valid.shape[-1]
+    if pad > 0 and (spec.kv_includes_queries or (spec.bias_k is not None and pad == 1)):
+        valid = torch.cat([valid, valid.new_ones(valid.shape[0], pad)], dim=-1)
     return valid

@@ -71,9 +71,13 @@ def bound(block: RebuiltBlock, x_in: Tensor, c_in: Tensor) -> SpectralBound:
     if s.q_norm is not None or s.k_norm is not None:
         rq = _side(block, "q", s.q_norm, s.query_norm, "query_norm", x_in, s.heads)
         rk = _side(block, "k", s.k_norm, s.context_norm, "context_norm", c_in, s.kv_heads)
+        if s.kv_includes_queries and s.k_norm is None:  # keys also from the normed queries
+            rk = max(rk, _side(block, "k", None, s.query_norm, "query_norm", x_in, s.kv_heads))
         return SpectralBound(_cap(rq * rk * factor, s.softcap), "qk-norm")
     rx, sx = _radius(block, s.query_norm, "query_norm", x_in)
     rc, sc = _radius(block, s.context_norm, "context_norm", c_in)
+    if s.kv_includes_queries:  # keys also come from the normed queries
+        rc, sc = max(rc, rx), sc if sc == sx else "probe"
     wq = _heads(block, "q", s.heads)
     wk = _heads(block, "k", s.kv_heads)
     if s.kv_heads != s.heads:

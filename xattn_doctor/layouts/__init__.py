@@ -101,8 +101,13 @@ def _override_heads(spec: BlockSpec, heads: int) -> BlockSpec:
     if kv_inner % head_dim:
         raise ValueError(f"--heads {heads} gives head width {head_dim}, which does not divide "
                          f"block {spec.name or '<root>'}'s key/value width {kv_inner}")
-    return replace(spec, heads=heads, kv_heads=kv_inner // head_dim, head_dim=head_dim,
-                   heads_source="cli")
+    kv_heads = kv_inner // head_dim
+    v_inner = spec.kv_heads * spec.v_head_dim if spec.v_head_dim else 0
+    if v_inner % kv_heads:
+        raise ValueError(f"--heads {heads} does not divide block {spec.name or '<root>'}'s "
+                         f"value width {v_inner}")
+    return replace(spec, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                   v_head_dim=v_inner // kv_heads if v_inner else None, heads_source="cli")
 
 
 def _natural(name: str) -> list[object]:

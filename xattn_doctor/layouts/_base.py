@@ -61,7 +61,9 @@ class BlockSpec:
 
     Order of operations (the rebuilt module follows it exactly):
     x_in = query_norm(x) if query_norm else x;  c_in = context_norm(c) if context_norm else c;
-    q = q_proj(x_in), k = k_proj(c_in), v = v_proj(c_in), split into heads (GQA: kv_heads);
+    kv_in = cat(c_in, x_in) along the sequence if kv_includes_queries else c_in;
+    q = q_proj(x_in), k = k_proj(kv_in), v = v_proj(kv_in), split into heads (GQA: kv_heads;
+    value heads v_head_dim wide when set, else head_dim);
     q, k = q_norm(q), k_norm(k) (per head when qk_norm_per_head, else over the full width);
     logits = q k^T * scale / clamp(temperature, temperature_min) (then softcap * tanh(l / softcap));
     out = o_proj(softmax(logits) v);  out = gate_fn(gate) * out;
@@ -94,6 +96,8 @@ class BlockSpec:
     learned_queries: TensorRef | None = None
     bias_k: TensorRef | None = None
     bias_v: TensorRef | None = None
+    v_head_dim: int | None = None
+    kv_includes_queries: bool = False
     role: Role = "cross"
     heads_source: HeadsSource = "weights"
     notes: tuple[str, ...] = ()
@@ -140,8 +144,9 @@ class BlockSpec:
     def with_heads(self, heads: int, kv_heads: int, source: HeadsSource) -> BlockSpec:
         """The same block with another head split of the same widths."""
         inner = self.heads * self.head_dim
+        v_head_dim = self.kv_heads * self.v_head_dim // kv_heads if self.v_head_dim else None
         return replace(self, heads=heads, kv_heads=kv_heads, head_dim=inner // heads,
-                       heads_source=source)
+                       v_head_dim=v_head_dim, heads_source=source)
 
 
 class KeyIndex:

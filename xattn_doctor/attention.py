@@ -27,7 +27,7 @@ class RebuiltBlock(nn.Module):
         super().__init__()
         self.spec = spec
         for role, t in tensors.items():
-            self.register_parameter(_pname(role), nn.Parameter(t.clone(), requires_grad=True))
+            self.register_parameter(_pname(role), nn.Parameter(t.detach(), requires_grad=True))
 
     def p(self, role: str) -> Tensor | None:
         """The parameter for a role such as 'q.weight' (None when the block has none)."""
@@ -119,17 +119,20 @@ class RebuiltBlock(nn.Module):
         y = x + out if self.spec.residual else out
         return self._norm(y, self.spec.post_norm, "post_norm")
 
-    def forward(self, x: Tensor, c: Tensor, mask: Tensor | None = None) -> Tensor:
-        """The block's output for queries x [B,Lq,Dq], context c [B,Lk,Dk], mask [B,Lk] (True=keep)."""
-        x_in, c_in = self.inputs(x, c)
-        q, k, v = self.project(x_in, c_in)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
+        """softmax(logits) v over valid keys, the softmax in float32: [B,H,Lq,dv]."""
         logits = self.logits(q, k).float()
-        valid = key_mask(mask, k.shape[-2], self.spec)
         probs = torch.softmax(logits if valid is None else
                               logits.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
         if valid is not None:  # a query with every key masked attends to nothing (not NaN)
             probs = probs.masked_fill(~valid.any(-1)[:, None, None, None], 0.0)
-        return self.finish(x, probs.to(v.dtype) @ v)
+        return probs.to(v.dtype) @ v
+
+    def forward(self, x: Tensor, c: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The block's output for queries x [B,Lq,Dq], context c [B,Lk,Dk], mask [B,Lk] (True=keep)."""
+        x_in, c_in = self.inputs(x, c)
+        q, k, v = self.project(x_in, c_in)
+        return self.finish(x, self.attend(q, k, v, key_mask(mask, k.shape[-2], self.spec)))
 
 
 def key_mask(mask: Tensor | None, n_keys: int, spec: BlockSpec) -> Tensor | None:

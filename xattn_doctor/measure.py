@@ -1,7 +1,7 @@
 """Run one rebuilt block on its inputs, forward and backward, and measure it.
 
-Statistics come from the chunked pass (no gradients); gradient norms from a full forward and
-backward of a proxy loss <y, g> / (B * Lq), with g a seeded standard normal: the gradient a
+Statistics come from the chunked pass (no gradients); gradient norms from the backward of a
+proxy loss <y, g> / (B * Lq), with g a seeded standard normal: the gradient a
 mean-reduced loss would send into the block's output. When the full backward would exceed the
 memory budget, it runs on a seeded subsample of the queries (`backward_queries` says how many).
 """
@@ -35,26 +35,43 @@ class RunSettings:
 
 
 def measure(block: RebuiltBlock, inputs: BlockInputs, run: RunSettings) -> Metrics:
-    """All metrics of one block (the block must already be on run.device in run.dtype)."""
+    """All metrics of one block (the block must already be on run.device in run.dtype).
+
+    One forward through the projections serves both the statistics (detached, chunked) and
+    the backward pass (on all or a subsample of the queries).
+    """
     x = inputs.x.to(run.device, run.dtype)
     c = inputs.c.to(run.device, run.dtype)
     mask = inputs.mask.to(run.device) if inputs.mask is not None else None
     m = Metrics()
-    m.weight_norms = {r: float(p.detach().float().norm()) for r, p in
-                      block.role_parameters().items()}
-    m.nonfinite = {f"weight:{r}": n for r, p in block.role_parameters().items()
-                   if (n := _nonfinite(p))}
+    params = block.role_parameters()
+    m.weight_norms = {r: float(p.detach().float().norm()) for r, p in params.items()}
+    m.nonfinite = {f"weight:{r}": n for r, p in params.items() if (n := _nonfinite(p))}
     m.nonfinite.update({f"input:{n}": k for n, t in (("hidden_states", x), ("context", c))
                         if (k := _nonfinite(t))})
+    learned = block.p("learned_queries")
+    if inputs.x_source == "learned" and learned is not None:
+        x = learned.reshape(1, -1, learned.shape[-1]).expand(x.shape[0], -1, -1)
+    else:
+        x = x.detach().requires_grad_(True)
+    c = c.detach().requires_grad_(True)
+    block.zero_grad(set_to_none=True)
+    block.train(False)
+    x_in, c_in = block.inputs(x, c)
+    q, k, v = block.project(x_in, c_in)
+    valid = key_mask(mask, k.shape[-2], block.spec)
     with torch.no_grad():
-        _forward_stats(block, x, c, mask, run, m)
-    _backward(block, inputs, x, c, mask, run, m)
+        _forward_stats(block, x.detach(), c.detach(), mask, (x_in, c_in, q, k, v), valid, run, m)
+    _backward(block, x, c, (q, k, v), valid, run, m)
     return m
 
 
+Projected = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
 def _forward_stats(block: RebuiltBlock, x: Tensor, c: Tensor, mask: Tensor | None,
-                   run: RunSettings, m: Metrics) -> None:
-    x_in, c_in = block.inputs(x, c)
+                   proj: Projected, valid: Tensor | None, run: RunSettings, m: Metrics) -> None:
+    x_in, c_in, q, k, v = (t.detach() for t in proj)
     valid_c = mask if mask is not None else torch.ones(c.shape[:2], dtype=torch.bool,
                                                        device=c.device)
     m.query_rms = _rms(x_in)
@@ -62,9 +79,7 @@ def _forward_stats(block: RebuiltBlock, x: Tensor, c: Tensor, mask: Tensor | Non
     m.scale_ratio = m.context_rms / m.query_rms if m.query_rms else math.inf
     raw_q, raw_c = _rms(x), _rms(c[valid_c]) if bool(valid_c.any()) else math.nan
     m.scale_ratio_raw = raw_c / raw_q if raw_q else math.inf
-    q, k, v = block.project(x_in, c_in)
     m.max_abs_activation = max(_absmax(t) for t in (x_in, c_in, q, k, v))
-    valid = key_mask(mask, k.shape[-2], block.spec)
     st = attention_stats(q, k, block.logits, valid, run.budget)
     m.max_logit = st.max_logit
     m.head_entropy, m.head_entropy_norm = st.head_entropy, st.head_entropy_norm
@@ -90,25 +105,19 @@ def _forward_stats(block: RebuiltBlock, x: Tensor, c: Tensor, mask: Tensor | Non
     m.spectral_max_logit, m.spectral_bound_source = sb.max_logit, sb.source
 
 
-def _backward(block: RebuiltBlock, inputs: BlockInputs, x: Tensor, c: Tensor,
-              mask: Tensor | None, run: RunSettings, m: Metrics) -> None:
+def _backward(block: RebuiltBlock, x: Tensor, c: Tensor, qkv: tuple[Tensor, Tensor, Tensor],
+              valid: Tensor | None, run: RunSettings, m: Metrics) -> None:
+    q, k, v = qkv
     b, lq = x.shape[:2]
-    lk = c.shape[1]
-    per_query = b * block.spec.heads * lk * 4 * 8
+    per_query = b * block.spec.heads * k.shape[-2] * 4 * 8
     keep = max(1, min(lq, run.budget // max(per_query, 1)))
     gen = torch.Generator().manual_seed(run.seed)
-    learned = block.p("learned_queries")
-    if inputs.x_source == "learned" and learned is not None:
-        x = learned.reshape(1, -1, learned.shape[-1]).expand(b, -1, -1)
+    xs = x
     if keep < lq:
         idx = torch.randperm(lq, generator=gen)[:keep].sort().values.to(x.device)
-        x = x.index_select(1, idx)
-    m.backward_queries = x.shape[1]
-    x = x if x.requires_grad else x.detach().requires_grad_(True)
-    c = c.detach().requires_grad_(True)
-    block.zero_grad(set_to_none=True)
-    block.train(False)
-    y = block(x, c, mask)
+        xs, q = x.index_select(1, idx), q.index_select(2, idx)
+    m.backward_queries = xs.shape[1]
+    y = block.finish(xs, block.attend(q, k, v, valid))
     cot = torch.randn(y.shape, generator=gen).to(y.device)
     loss = (y.float() * cot).sum() / (y.shape[0] * y.shape[1])
     loss.backward()

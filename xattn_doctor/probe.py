@@ -52,9 +52,10 @@ class Probe:
     used: set[str] = field(default_factory=set)
 
     def inputs_for(self, spec: BlockSpec, learned: Tensor | None) -> BlockInputs:
-        """The block's x, c and mask: per-block keys, then global keys of the right width,
-        then learned queries, then seeded synthetic features."""
-        x, xs = self._stream(spec, "hidden_states", spec.query_dim)
+        """The block's x, c and mask: per-block keys first; then, for queries, the block's
+        learned queries (a resampler's latents are its queries even when the text has the same
+        width); then global keys of the right width; then seeded synthetic features."""
+        x, xs = self._stream(spec, "hidden_states", spec.query_dim, own_only=learned is not None)
         c, cs = self._stream(spec, "encoder_hidden_states", spec.context_dim)
         if x is None and learned is not None:
             q = learned.reshape(-1, learned.shape[-1])[None]
@@ -71,7 +72,8 @@ class Probe:
         mask = self._mask(spec, c) if cs.startswith("probe") else None
         return BlockInputs(x, c, mask, xs, cs)
 
-    def _stream(self, spec: BlockSpec, key: str, width: int) -> tuple[Tensor | None, str]:
+    def _stream(self, spec: BlockSpec, key: str, width: int,
+                own_only: bool = False) -> tuple[Tensor | None, str]:
         own = f"{spec.name}.{key}"
         if own in self.tensors:
             t = self.tensors[own]
@@ -80,7 +82,7 @@ class Probe:
                                             f"{width}")
             self.used.add(own)
             return t, "probe:block"
-        t = self.tensors.get(key)
+        t = None if own_only else self.tensors.get(key)
         if t is not None and t.shape[-1] == width:
             self.used.add(key)
             return t, "probe"

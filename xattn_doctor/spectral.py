@@ -32,10 +32,13 @@ class SpectralBound:
 
 def top_singular(wq: Tensor, wk: Tensor, iterations: int = ITERATIONS) -> Tensor:
     """sigma_max(wq[h]^T wk[h]) per head; wq [H,d,Dq], wk [H,d,Dk] in float64."""
-    gq = wq @ wq.transpose(-1, -2)
-    gk = wk @ wk.transpose(-1, -2)
-    v = torch.ones(wq.shape[0], wq.shape[1], 1, dtype=wq.dtype, device=wq.device)
-    lam = torch.zeros(wq.shape[0], dtype=wq.dtype, device=wq.device)
+    return top_singular_of_grams(wq @ wq.transpose(-1, -2), wk @ wk.transpose(-1, -2), iterations)
+
+
+def top_singular_of_grams(gq: Tensor, gk: Tensor, iterations: int = ITERATIONS) -> Tensor:
+    """sigma_max per head from the Gram matrices W W^T [H, d, d] of the two maps."""
+    v = torch.ones(gq.shape[0], gq.shape[1], 1, dtype=gq.dtype, device=gq.device)
+    lam = torch.zeros(gq.shape[0], dtype=gq.dtype, device=gq.device)
     for _ in range(iterations):
         w = gq @ (gk @ v)
         lam = w.norm(dim=(-2, -1)) / v.norm(dim=(-2, -1)).clamp(min=1e-300)
@@ -43,15 +46,24 @@ def top_singular(wq: Tensor, wk: Tensor, iterations: int = ITERATIONS) -> Tensor
     return lam.clamp(min=0).sqrt()
 
 
-def _heads(block: RebuiltBlock, role: str, heads: int) -> Tensor:
-    """The projection with its bias as an extra column, split per head: [H, d, D+1]."""
+def _grams(block: RebuiltBlock, role: str, heads: int) -> Tensor:
+    """W~_h W~_h^T per head, [H, d, d] in float64, W~ the projection with its bias column.
+
+    Built one head at a time, so only one head's rows are ever held in float64.
+    """
     w = block.p(f"{role}.weight")
     assert w is not None
     b = block.p(f"{role}.bias")
-    col = b[:, None] if b is not None else torch.zeros(w.shape[0], 1, dtype=w.dtype,
-                                                        device=w.device)
-    full = torch.cat([w, col], dim=1).detach().double()
-    return full.reshape(heads, -1, full.shape[1])
+    d = w.shape[0] // heads
+    out = []
+    for h in range(heads):
+        rows = w.detach()[h * d:(h + 1) * d].double()
+        g = rows @ rows.T
+        if b is not None:
+            bh = b.detach()[h * d:(h + 1) * d].double()
+            g = g + torch.outer(bh, bh)
+        out.append(g)
+    return torch.stack(out)
 
 
 def _norm_radius(block: RebuiltBlock, norm: Norm, role: str, width: int) -> float:
@@ -78,11 +90,11 @@ def bound(block: RebuiltBlock, x_in: Tensor, c_in: Tensor) -> SpectralBound:
     rc, sc = _radius(block, s.context_norm, "context_norm", c_in)
     if s.kv_includes_queries:  # keys also come from the normed queries
         rc, sc = max(rc, rx), sc if sc == sx else "probe"
-    wq = _heads(block, "q", s.heads)
-    wk = _heads(block, "k", s.kv_heads)
+    gq = _grams(block, "q", s.heads)
+    gk = _grams(block, "k", s.kv_heads)
     if s.kv_heads != s.heads:
-        wk = wk.repeat_interleave(s.heads // s.kv_heads, dim=0)
-    sigma = float(top_singular(wq, wk).max())
+        gk = gk.repeat_interleave(s.heads // s.kv_heads, dim=0)
+    sigma = float(top_singular_of_grams(gq, gk).max())
     value = sigma * math.sqrt(rx**2 + 1) * math.sqrt(rc**2 + 1) * factor
     return SpectralBound(_cap(value, s.softcap), "norms" if sx == sc == "norms" else "probe")
 
@@ -94,10 +106,10 @@ def _side(block: RebuiltBlock, role: str, qk: Norm | None, pre: Norm | None, pre
     if qk is not None:
         width = s.head_dim if s.qk_norm_per_head else heads * s.head_dim
         return _norm_radius(block, qk, f"{role}_norm", width)
-    w = _heads(block, role, heads)
-    eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device).expand(heads, -1, -1)
+    g = _grams(block, role, heads)
+    eye = torch.eye(g.shape[1], dtype=g.dtype, device=g.device).expand(heads, -1, -1)
     r, _ = _radius(block, pre, pre_role, seen)
-    return float(top_singular(w, eye).max()) * math.sqrt(r**2 + 1)
+    return float(top_singular_of_grams(g, eye).max()) * math.sqrt(r**2 + 1)
 
 
 def _radius(block: RebuiltBlock, norm: Norm | None, role: str, seen: Tensor) -> tuple[float, str]:

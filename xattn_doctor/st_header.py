@@ -51,6 +51,7 @@ class Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     size: int
+    data_start: int = 0  # file offset of the data buffer (8 + header length)
 
 
 def read_header(path: Path, error: type[DoctorError] = CheckpointError) -> Header:
@@ -80,7 +81,7 @@ def read_header(path: Path, error: type[DoctorError] = CheckpointError) -> Heade
         raise error(path, "malformed safetensors header: __metadata__ is not an object")
     tensors = {str(k): _entry(path, k, v, error) for k, v in data.items()}
     _check_layout(path, tensors, size - 8 - n, error)
-    return Header(path, tensors, {str(k): str(v) for k, v in meta.items()}, size)
+    return Header(path, tensors, {str(k): str(v) for k, v in meta.items()}, size, 8 + n)
 
 
 def _entry(path: Path, key: str, v: Any, error: type[DoctorError]) -> TensorInfo:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from xattn_doctor.findings import SATURATED_WEIGHT as SATURATED
 
-DEFAULT_BUDGET = 256 * 2**20
+DEFAULT_BUDGET = 64 * 2**20
 
 
 @dataclass

@@ -66,6 +66,10 @@ class Checkpoint:
             header = self.where.get(ref.key)
             if header is None:
                 raise CheckpointError(self.path, f"tensor {ref.key!r} is not in the checkpoint")
+            code = header.tensors[ref.key].dtype
+            if code not in FLOAT_DTYPES and not code.startswith("F8_"):
+                raise CheckpointError(header.path, f"tensor {ref.key!r} has dtype {code}; "
+                                                   "attention weights must be floating point")
             try:
                 handle = self._handle(header.path)
                 if ref.rows is None:

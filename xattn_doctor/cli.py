@@ -7,15 +7,48 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from xattn_doctor import __version__
 from xattn_doctor.errors import DoctorError
 from xattn_doctor.findings import Report, Severity
 
-app = typer.Typer(pretty_exceptions_enable=False, add_completion=False,
+# click's ClickException, wherever this typer takes click from (its own copy since 0.22)
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """Bad arguments (unknown option, invalid value) as one stderr line and exit 2, instead
+    of click's usage block and error panel (CONTRACT.md: one clear line)."""
+    try:
+        yield
+    except _ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # help was printed; keep click's way
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.echo(f"xattn-doctor: error: {' '.join(e.format_message().split())}{hint}",
+                   err=True)
+        raise typer.Exit(2) from None
+
+
+class _Group(TyperGroup):
+    """The root command group, with usage errors reported as one line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(cls=_Group, pretty_exceptions_enable=False, add_completion=False,
                   help="Diagnose unstable cross-attention blocks in a checkpoint.",
                   no_args_is_help=True)
 

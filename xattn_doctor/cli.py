@@ -135,6 +135,7 @@ def diagnose(
         from xattn_doctor import api, options
         from xattn_doctor.formats import get
 
+        _refuse_overwriting_inputs(output, checkpoints, probe, config)
         raw, where = options.load_config(config)
         opts = options.build(raw, where, fail_on=fail_on, heads=heads, device=device,
                              dtype=dtype, seed=seed)
@@ -143,6 +144,32 @@ def diagnose(
         text = get(fmt).render(reports, fail_on=opts.fail_on, color=_color(output, fmt))
         _emit(text, output, reports)
     raise typer.Exit(exit_code(reports, opts.fail_on))
+
+
+def _refuse_overwriting_inputs(output: Path | None, checkpoints: list[Path],
+                               probe: Path | None, config: Path | None) -> None:
+    """Inputs are only ever read: an --output that is one of the files the diagnosis reads
+    (checkpoint, its shards, index and config.json, the probe, the config) is refused."""
+    if output is None or not output.exists():
+        return
+    inputs = [p for p in (probe, config if config is not None else Path("pyproject.toml"))
+              if p is not None]
+    for c in checkpoints:
+        inputs.append(c)
+        folder = c if c.is_dir() else c.parent
+        try:
+            inputs += [q for q in folder.iterdir() if q.name == "config.json"
+                       or q.name.endswith((".safetensors", ".index.json"))]
+        except OSError:
+            pass
+    for p in inputs:
+        try:
+            same = os.path.samefile(output, p)
+        except OSError:
+            continue
+        if same:
+            raise DoctorError(output, f"--output would overwrite an input ({p}); inputs are "
+                                      "only ever read, write the report elsewhere")
 
 
 def _color(output: Path | None, fmt: str) -> bool:

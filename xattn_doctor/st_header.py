@@ -115,4 +115,10 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], buffer: int,
         if t.start < end:
             raise error(path, f"tensor {key!r} overlaps the tensor before it (bytes "
                               f"{t.start}..{t.end}): corrupt or crafted file")
+        if t.start > end:
+            raise error(path, f"bytes {end}..{t.start} of the data buffer belong to no tensor "
+                              f"(before {key!r}): corrupt or crafted file")
         end = max(end, t.end)
+    if end != buffer:
+        raise error(path, f"the data buffer has {buffer} bytes but its tensors cover {end}: "
+                          "trailing bytes, corrupt or crafted file")

@@ -71,7 +71,9 @@ def read_header(path: Path, error: type[DoctorError] = CheckpointError) -> Heade
         raise error(path, f"cannot read: {e.strerror or e}") from e
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError as e:
+        raise error(path, "not a safetensors file: header JSON is nested too deeply") from e
+    except ValueError as e:  # bad UTF-8, bad JSON, an integer literal of thousands of digits
         raise error(path, f"not a safetensors file: header is not JSON ({e})") from e
     if not isinstance(data, dict):
         raise error(path, "not a safetensors file: header is not a JSON object")

@@ -187,5 +187,7 @@ def _read_json(path: Path, error: type[CheckpointError]) -> Any:
         if path.stat().st_size > MAX_JSON:
             raise error(path, f"JSON file larger than {MAX_JSON // 2**20} MiB")
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError as e:
+        raise error(path, "not valid JSON: nested too deeply") from e
+    except (OSError, ValueError) as e:  # ValueError: bad UTF-8, bad JSON, a huge integer
         raise error(path, f"not valid JSON: {e}") from e

@@ -29,6 +29,7 @@ from xattn_doctor.errors import ConfigError
 from xattn_doctor.findings import Severity
 
 TOP_KEYS = {"fail_on", "disable", "thresholds", "blocks", "heads", "memory_budget_mb"}
+MAX_CONFIG = 4 * 2**20
 FAIL_ON = {"error": Severity.ERROR, "warning": Severity.WARNING, "info": Severity.INFO,
            "never": None}
 
@@ -176,9 +177,11 @@ def _yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(_read_small(path))
     except OSError as e:
         raise ConfigError(path, f"cannot read config: {e.strerror or e}") from e
+    except RecursionError as e:
+        raise ConfigError(path, "not valid YAML: nested too deeply") from e
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(path, f"not valid YAML: {' '.join(str(e).split())}") from e
     if data is None:
@@ -188,6 +191,18 @@ def _yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _read_small(path: Path) -> str:
+    """The text of a config file: a regular file of at most MAX_CONFIG bytes (a FIFO or a
+    device would block or never end)."""
+    if not path.is_file():
+        raise ConfigError(path, "not a regular file" if path.exists() else "no such file")
+    with path.open("rb") as fh:
+        raw = fh.read(MAX_CONFIG + 1)
+    if len(raw) > MAX_CONFIG:
+        raise ConfigError(path, f"larger than {MAX_CONFIG // 2**20} MiB; not a config file")
+    return raw.decode("utf-8")
+
+
 def _pyproject_table(path: Path) -> dict[str, Any] | None:
     if sys.version_info >= (3, 11):
         import tomllib
@@ -195,6 +210,8 @@ def _pyproject_table(path: Path) -> dict[str, Any] | None:
         import tomli as tomllib  # type: ignore[no-redef]
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except RecursionError as e:
+        raise ConfigError(path, "cannot read pyproject.toml: nested too deeply") from e
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(path, f"cannot read pyproject.toml: {e}") from e
     table = data.get("tool", {}).get("xattn-doctor")

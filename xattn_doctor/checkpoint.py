@@ -20,6 +20,7 @@ from xattn_doctor.st_header import FLOAT_DTYPES, TORCH_NAMES, Header, read_heade
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_JSON = 64 * 1024 * 1024
+NOT_REGULAR = "not a regular file or directory (a FIFO, device or socket would block or never end)"
 
 
 @dataclass
@@ -96,6 +97,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
     """Resolve `path` to its shards and config; raise CheckpointError/PickleRefused."""
     if not path.exists():
         raise CheckpointError(path, "no such file or directory")
+    if not path.is_dir() and not path.is_file():
+        raise CheckpointError(path, NOT_REGULAR)
     if path.is_dir():
         files, config_dir = _from_directory(path), path
     elif path.name.endswith(INDEX_SUFFIX) or path.name.endswith(".index.json"):
@@ -183,6 +186,8 @@ def _config(folder: Path) -> tuple[ModelConfig, Path | None]:
 
 
 def _read_json(path: Path, error: type[CheckpointError]) -> Any:
+    if path.exists() and not path.is_file():
+        raise error(path, NOT_REGULAR)
     try:
         if path.stat().st_size > MAX_JSON:
             raise error(path, f"JSON file larger than {MAX_JSON // 2**20} MiB")

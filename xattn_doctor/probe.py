@@ -114,7 +114,8 @@ def synthetic(seed: int) -> Probe:
 def load_probe(path: Path, seed: int = 0) -> Probe:
     """Read and validate a probe file (floating tensors of the contract's ranks)."""
     if not path.is_file():
-        raise ProbeError(path, "no such probe file")
+        raise ProbeError(path, "probe is not a regular file" if path.exists()
+                         else "no such probe file")
     header = read_header(path, ProbeError)
     size = sum(t.end - t.start for t in header.tensors.values())
     if size > MAX_PROBE_BYTES:

@@ -95,7 +95,7 @@ def _backward(block: RebuiltBlock, inputs: BlockInputs, x: Tensor, c: Tensor,
     lk = c.shape[1]
     per_query = b * block.spec.heads * lk * 4 * 8
     keep = max(1, min(lq, run.budget // max(per_query, 1)))
-    gen = torch.Generator().manual_seed(run.seed)
+    gen = torch.Generator().manual_seed(run.seed % 2**64)  # torch takes a uint64; any --seed
     learned = block.p("learned_queries")
     if inputs.x_source == "learned" and learned is not None:
         x = learned.reshape(1, -1, learned.shape[-1]).expand(b, -1, -1)

@@ -60,7 +60,9 @@ class Probe:
             q = learned.reshape(-1, learned.shape[-1])[None]
             x, xs = q.expand(c.shape[0] if c is not None else SYNTH_BATCH, -1, -1), "learned"
         batch = x.shape[0] if x is not None else c.shape[0] if c is not None else SYNTH_BATCH
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(spec.name.encode()))
+        # mod 2**64: torch takes a uint64 (a negative seed already wraps so); any --seed works
+        seed = (self.seed * 1_000_003 + zlib.crc32(spec.name.encode())) % 2**64
+        gen = torch.Generator().manual_seed(seed)
         if x is None:
             x, xs = torch.randn(batch, SYNTH_QUERIES, spec.query_dim, generator=gen), "synthetic"
         if c is None:

@@ -17,7 +17,8 @@ from xattn_doctor.errors import DoctorError
 from xattn_doctor.findings import Report, Severity
 
 # click's ClickException, wherever this typer takes click from (its own copy since 0.22)
-_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_ClickException: Any = next(c for c in typer.BadParameter.__mro__
+                            if c.__name__ == "ClickException")
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -195,7 +195,7 @@ class BlockSpec:
             problem = mismatch(ref, want)
             if problem:
                 return problem
-        for ref, ok, need in (
+        others: list[tuple[TensorRef | None, Callable[[tuple[int, ...]], bool], str]] = [
             (self.gate.param if self.gate else None,
              lambda s: math.prod(s) == 1 or (s[-1] == out_width and math.prod(s) == out_width),
              f"one value or {out_width}"),
@@ -204,10 +204,13 @@ class BlockSpec:
              and math.prod(s) > 0, f"rows of width {self.query_dim}"),
             (self.bias_k, lambda s: math.prod(s) == kv_inner, f"{kv_inner} values"),
             (self.bias_v, lambda s: math.prod(s) == kv_inner, f"{kv_inner} values"),
-        ):
-            got = shape(ref) if ref is not None else None
-            if ref is not None and (got is None or not ok(got)):
-                return f"tensor {ref.key!r} has shape {list(got or ())}, the block needs {need}"
+        ]
+        for opt, ok, need in others:
+            if opt is None:
+                continue
+            got = shape(opt)
+            if got is None or not ok(got):
+                return f"tensor {opt.key!r} has shape {list(got or ())}, the block needs {need}"
         return None
 
     def with_heads(self, heads: int, kv_heads: int, source: HeadsSource) -> BlockSpec:

@@ -10,7 +10,7 @@ from pathlib import Path
 from xattn_doctor import __version__
 from xattn_doctor.attention import RebuiltBlock
 from xattn_doctor.checkpoint import Checkpoint, open_checkpoint
-from xattn_doctor.errors import NoBlocksError, UsageError
+from xattn_doctor.errors import CheckpointError, NoBlocksError, UsageError
 from xattn_doctor.findings import BlockResult, CheckpointInfo, Finding, ProbeInfo, Report
 from xattn_doctor.layouts import Detection, detect
 from xattn_doctor.layouts._base import BlockSpec
@@ -83,6 +83,10 @@ def _detect(ckpt: Checkpoint, opts: Options) -> Detection:
     found.blocks = kept
     if not kept:
         raise NoBlocksError(ckpt.path, _no_blocks_message(ckpt, found))
+    for spec in kept:
+        problem = spec.shape_problem(ckpt.index)
+        if problem:
+            raise CheckpointError(ckpt.path, f"block {spec.name or '<root>'}: {problem}")
     return found
 
 

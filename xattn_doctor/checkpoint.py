@@ -1,7 +1,8 @@
 """Resolve a checkpoint (file, sharded index or directory) and read it lazily.
 
-Headers are read and checked first, by our own parser; tensors are then memory-mapped, read
-only, one block at a time, through `safetensors.safe_open`. Pickles are refused, never loaded.
+Headers are read and checked first, by our own parser; tensors are then read (positioned
+reads, the file opened read-only) one block at a time, only the rows a block needs. Pickles are
+refused, never loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from xattn_doctor.st_header import FLOAT_DTYPES, TORCH_NAMES, Header, read_heade
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_JSON = 64 * 1024 * 1024
+NOT_REGULAR = "not a regular file or directory (a FIFO, device or socket would block or never end)"
 
 
 @dataclass
@@ -67,6 +69,10 @@ class Checkpoint:
             header = self.where.get(ref.key)
             if header is None:
                 raise CheckpointError(self.path, f"tensor {ref.key!r} is not in the checkpoint")
+            code = header.tensors[ref.key].dtype
+            if code not in FLOAT_DTYPES and not code.startswith("F8_"):
+                raise CheckpointError(header.path, f"tensor {ref.key!r} has dtype {code}; "
+                                                   "attention weights must be floating point")
             out[role] = read_tensor(header, ref.key, ref.rows)
         return out
 
@@ -108,6 +114,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
     """Resolve `path` to its shards and config; raise CheckpointError/PickleRefused."""
     if not path.exists():
         raise CheckpointError(path, "no such file or directory")
+    if not path.is_dir() and not path.is_file():
+        raise CheckpointError(path, NOT_REGULAR)
     if path.is_dir():
         files, config_dir = _from_directory(path), path
     elif path.name.endswith(INDEX_SUFFIX) or path.name.endswith(".index.json"):
@@ -197,9 +205,13 @@ def _config(folder: Path) -> tuple[ModelConfig, Path | None]:
 
 
 def _read_json(path: Path, error: type[CheckpointError]) -> Any:
+    if path.exists() and not path.is_file():
+        raise error(path, NOT_REGULAR)
     try:
         if path.stat().st_size > MAX_JSON:
             raise error(path, f"JSON file larger than {MAX_JSON // 2**20} MiB")
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError as e:
+        raise error(path, "not valid JSON: nested too deeply") from e
+    except (OSError, ValueError) as e:  # ValueError: bad UTF-8, bad JSON, a huge integer
         raise error(path, f"not valid JSON: {e}") from e

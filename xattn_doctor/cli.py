@@ -7,15 +7,49 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from xattn_doctor import __version__
 from xattn_doctor.errors import DoctorError
 from xattn_doctor.findings import Report, Severity
 
-app = typer.Typer(pretty_exceptions_enable=False, add_completion=False,
+# click's ClickException, wherever this typer takes click from (its own copy since 0.22)
+_ClickException: Any = next(c for c in typer.BadParameter.__mro__
+                            if c.__name__ == "ClickException")
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """Bad arguments (unknown option, invalid value) as one stderr line and exit 2, instead
+    of click's usage block and error panel (CONTRACT.md: one clear line)."""
+    try:
+        yield
+    except _ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # help was printed; keep click's way
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.echo(f"xattn-doctor: error: {' '.join(e.format_message().split())}{hint}",
+                   err=True)
+        raise typer.Exit(2) from None
+
+
+class _Group(TyperGroup):
+    """The root command group, with usage errors reported as one line."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(cls=_Group, pretty_exceptions_enable=False, add_completion=False,
                   help="Diagnose unstable cross-attention blocks in a checkpoint.",
                   no_args_is_help=True)
 
@@ -104,6 +138,7 @@ def diagnose(
         from xattn_doctor import api, options
         from xattn_doctor.formats import get
 
+        _refuse_overwriting_inputs(output, checkpoints, probe, config)
         raw, where = options.load_config(config)
         opts = options.build(raw, where, fail_on=fail_on, heads=heads, device=device,
                              dtype=dtype, seed=seed)
@@ -138,6 +173,32 @@ def _only_new(reports: list[Report], known: set[tuple[str, str | None]]) -> list
     typer.echo(f"xattn-doctor: baseline: {old} known finding(s) do not count toward "
                "the exit code", err=True)
     return fresh
+
+
+def _refuse_overwriting_inputs(output: Path | None, checkpoints: list[Path],
+                               probe: Path | None, config: Path | None) -> None:
+    """Inputs are only ever read: an --output that is one of the files the diagnosis reads
+    (checkpoint, its shards, index and config.json, the probe, the config) is refused."""
+    if output is None or not output.exists():
+        return
+    inputs = [p for p in (probe, config if config is not None else Path("pyproject.toml"))
+              if p is not None]
+    for c in checkpoints:
+        inputs.append(c)
+        folder = c if c.is_dir() else c.parent
+        try:
+            inputs += [q for q in folder.iterdir() if q.name == "config.json"
+                       or q.name.endswith((".safetensors", ".index.json"))]
+        except OSError:
+            pass
+    for p in inputs:
+        try:
+            same = os.path.samefile(output, p)
+        except OSError:
+            continue
+        if same:
+            raise DoctorError(output, f"--output would overwrite an input ({p}); inputs are "
+                                      "only ever read, write the report elsewhere")
 
 
 def _color(output: Path | None, fmt: str) -> bool:

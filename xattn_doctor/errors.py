@@ -16,7 +16,10 @@ class DoctorError(Exception):
         self.detail = " ".join(str(detail).split())
 
     def __str__(self) -> str:
-        where = f"{self.path}: " if self.path else ""
+        path = self.path
+        if path and not path.isprintable():  # a newline in a file name must not break the line
+            path = repr(path)
+        where = f"{path}: " if path else ""
         return f"{where}{self.detail}"
 
 

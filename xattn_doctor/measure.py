@@ -111,7 +111,7 @@ def _backward(block: RebuiltBlock, x: Tensor, c: Tensor, qkv: tuple[Tensor, Tens
     b, lq = x.shape[:2]
     per_query = b * block.spec.heads * k.shape[-2] * 4 * 8
     keep = max(1, min(lq, run.budget // max(per_query, 1)))
-    gen = torch.Generator().manual_seed(run.seed)
+    gen = torch.Generator().manual_seed(run.seed % 2**64)  # torch takes a uint64; any --seed
     xs = x
     if keep < lq:
         idx = torch.randperm(lq, generator=gen)[:keep].sort().values.to(x.device)

@@ -19,6 +19,7 @@ file and the key (exit 2).
 from __future__ import annotations
 
 import fnmatch
+import reprlib
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from xattn_doctor.errors import ConfigError
 from xattn_doctor.findings import Severity
 
 TOP_KEYS = {"fail_on", "disable", "thresholds", "blocks", "heads", "memory_budget_mb"}
+MAX_CONFIG = 4 * 2**20
 FAIL_ON = {"error": Severity.ERROR, "warning": Severity.WARNING, "info": Severity.INFO,
            "never": None}
 
@@ -66,7 +68,7 @@ class Options:
 def parse_fail_on(value: str, where: str | None = None) -> Severity | None:
     """'error' | 'warning' | 'info' | 'never' to a severity (None = never fail)."""
     if value not in FAIL_ON:
-        raise ConfigError(where, f"fail_on: {value!r} is not one of error, warning, never")
+        raise ConfigError(where, f"fail_on: {_show(value)} is not one of error, warning, never")
     return FAIL_ON[value]
 
 
@@ -86,14 +88,15 @@ def build(raw: Mapping[str, Any], where: str | None, **flags: Any) -> Options:
     """Validate `raw` and merge the CLI flags (a flag that is None defers to the config)."""
     unknown = set(raw) - TOP_KEYS
     if unknown:
-        raise ConfigError(where, f"unknown key {sorted(unknown)[0]!r} (allowed: "
+        raise ConfigError(where, f"unknown key {_show(min(unknown, key=str))} (allowed: "
                                  f"{', '.join(sorted(TOP_KEYS))})")
     disabled = frozenset(_codes(raw.get("disable", []), where))
     thresholds = _thresholds(raw.get("thresholds", {}), where)
     blocks = _mapping(raw.get("blocks", {}), "blocks", where)
     extra = set(blocks) - {"include", "exclude"}
     if extra:
-        raise ConfigError(where, f"blocks: unknown key {sorted(extra)[0]!r} (include, exclude)")
+        raise ConfigError(where, f"blocks: unknown key {_show(min(extra, key=str))} "
+                                 "(include, exclude)")
     fail_flag = flags.pop("fail_on", None)
     fail_on = parse_fail_on(fail_flag if fail_flag is not None else
                             _typed(raw, "fail_on", str, where, "error"), where)
@@ -120,11 +123,11 @@ def _thresholds(raw: Any, where: str | None) -> dict[str, dict[str, Any]]:
         try:
             rule = get(str(code))
         except KeyError:
-            raise ConfigError(where, f"thresholds: unknown rule code {code!r}") from None
+            raise ConfigError(where, f"thresholds: unknown rule code {_show(code)}") from None
         for name, value in _mapping(opts, f"thresholds.{code}", where).items():
             if name not in rule.options:
                 allowed = ", ".join(rule.options) or "none"
-                raise ConfigError(where, f"thresholds.{code}: unknown option {name!r} "
+                raise ConfigError(where, f"thresholds.{code}: unknown option {_show(name)} "
                                          f"(allowed: {allowed})")
             out.setdefault(rule.code, {})[name] = _coerce(value, rule.options[name],
                                                           f"thresholds.{code}.{name}", where)
@@ -135,7 +138,7 @@ def _coerce(value: Any, kind: type, key: str, where: str | None) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        raise ConfigError(where, f"{key}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(where, f"{key}: expected {kind.__name__}, got {_show(value)}")
     return value
 
 
@@ -146,9 +149,9 @@ def _codes(raw: Any, where: str | None) -> list[str]:
         raise ConfigError(where, "disable: expected a list of rule codes")
     out = []
     for code in raw:
-        known = canonical(str(code))
+        known = canonical(str(code)) if isinstance(code, (str, int)) else None
         if known is None:
-            raise ConfigError(where, f"disable: unknown rule code {code!r}")
+            raise ConfigError(where, f"disable: unknown rule code {_show(code)}")
         out.append(known)
     return out
 
@@ -158,6 +161,16 @@ def _patterns(blocks: Mapping[str, Any], key: str, where: str | None) -> tuple[s
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(where, f"blocks.{key}: expected a list of patterns")
     return tuple(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
+
+
+def _show(value: Any) -> str:
+    """A short repr for messages: YAML aliases can make a value that is small in the file
+    but exponentially large when printed in full."""
+    return _REPR.repr(value)
 
 
 def _mapping(raw: Any, key: str, where: str | None) -> Mapping[str, Any]:
@@ -176,9 +189,11 @@ def _yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(_read_small(path))
     except OSError as e:
         raise ConfigError(path, f"cannot read config: {e.strerror or e}") from e
+    except RecursionError as e:
+        raise ConfigError(path, "not valid YAML: nested too deeply") from e
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(path, f"not valid YAML: {' '.join(str(e).split())}") from e
     if data is None:
@@ -188,6 +203,18 @@ def _yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _read_small(path: Path) -> str:
+    """The text of a config file: a regular file of at most MAX_CONFIG bytes (a FIFO or a
+    device would block or never end)."""
+    if not path.is_file():
+        raise ConfigError(path, "not a regular file" if path.exists() else "no such file")
+    with path.open("rb") as fh:
+        raw = fh.read(MAX_CONFIG + 1)
+    if len(raw) > MAX_CONFIG:
+        raise ConfigError(path, f"larger than {MAX_CONFIG // 2**20} MiB; not a config file")
+    return raw.decode("utf-8")
+
+
 def _pyproject_table(path: Path) -> dict[str, Any] | None:
     if sys.version_info >= (3, 11):
         import tomllib
@@ -195,9 +222,12 @@ def _pyproject_table(path: Path) -> dict[str, Any] | None:
         import tomli as tomllib  # type: ignore[no-redef]
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except RecursionError as e:
+        raise ConfigError(path, "cannot read pyproject.toml: nested too deeply") from e
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(path, f"cannot read pyproject.toml: {e}") from e
-    table = data.get("tool", {}).get("xattn-doctor")
+    tool = data.get("tool")
+    table = tool.get("xattn-doctor") if isinstance(tool, dict) else None
     if table is None:
         return None
     if not isinstance(table, dict):

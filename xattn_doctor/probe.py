@@ -61,7 +61,9 @@ class Probe:
             q = learned.reshape(-1, learned.shape[-1])[None]
             x, xs = q.expand(c.shape[0] if c is not None else SYNTH_BATCH, -1, -1), "learned"
         batch = x.shape[0] if x is not None else c.shape[0] if c is not None else SYNTH_BATCH
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(spec.name.encode()))
+        # mod 2**64: torch takes a uint64 (a negative seed already wraps so); any --seed works
+        seed = (self.seed * 1_000_003 + zlib.crc32(spec.name.encode())) % 2**64
+        gen = torch.Generator().manual_seed(seed)
         if x is None:
             x, xs = torch.randn(batch, SYNTH_QUERIES, spec.query_dim, generator=gen), "synthetic"
         if c is None:
@@ -116,7 +118,8 @@ def synthetic(seed: int) -> Probe:
 def load_probe(path: Path, seed: int = 0) -> Probe:
     """Read and validate a probe file (floating tensors of the contract's ranks)."""
     if not path.is_file():
-        raise ProbeError(path, "no such probe file")
+        raise ProbeError(path, "probe is not a regular file" if path.exists()
+                         else "no such probe file")
     header = read_header(path, ProbeError)
     size = sum(t.end - t.start for t in header.tensors.values())
     if size > MAX_PROBE_BYTES:

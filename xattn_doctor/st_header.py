@@ -72,7 +72,9 @@ def read_header(path: Path, error: type[DoctorError] = CheckpointError) -> Heade
         raise error(path, f"cannot read: {e.strerror or e}") from e
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError as e:
+        raise error(path, "not a safetensors file: header JSON is nested too deeply") from e
+    except ValueError as e:  # bad UTF-8, bad JSON, an integer literal of thousands of digits
         raise error(path, f"not a safetensors file: header is not JSON ({e})") from e
     if not isinstance(data, dict):
         raise error(path, "not a safetensors file: header is not a JSON object")
@@ -116,4 +118,10 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], buffer: int,
         if t.start < end:
             raise error(path, f"tensor {key!r} overlaps the tensor before it (bytes "
                               f"{t.start}..{t.end}): corrupt or crafted file")
+        if t.start > end:
+            raise error(path, f"bytes {end}..{t.start} of the data buffer belong to no tensor "
+                              f"(before {key!r}): corrupt or crafted file")
         end = max(end, t.end)
+    if end != buffer:
+        raise error(path, f"the data buffer has {buffer} bytes but its tensors cover {end}: "
+                          "trailing bytes, corrupt or crafted file")

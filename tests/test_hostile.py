@@ -1132,3 +1132,16 @@ def test_mutated_checkpoint_never_crashes(ops: list[tuple[Any, ...]]) -> None:
 @given(ops=_mutations(PROBE_BYTES))
 def test_mutated_probe_never_crashes(ops: list[tuple[Any, ...]]) -> None:
     _check_mutant("probe", _apply(PROBE_BYTES, ops))
+
+
+def test_probe_mask_hiding_every_key_is_exit_2(tmp_path: Path) -> None:
+    """A mask of all zeros leaves nothing to measure: an input error, not a healthy report."""
+    import torch
+    from safetensors.torch import save_file
+
+    probe = tmp_path / "p.safetensors"
+    save_file({"hidden_states": torch.randn(2, 8, 32), "encoder_hidden_states": torch.randn(2, 16, 32),
+               "encoder_attention_mask": torch.zeros(2, 16)}, str(probe))
+    r = CliRunner().invoke(app, ["diagnose", str(FIXTURES / "healthy"), "--probe", str(probe)])
+    assert r.exit_code == 2
+    assert "hides every key" in r.stderr and len(r.stderr.strip().splitlines()) == 1

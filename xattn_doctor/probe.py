@@ -155,6 +155,10 @@ def _check_batches(path: Path, tensors: dict[str, Tensor]) -> None:
         if m is not None and c is not None and m.shape[1] != c.shape[1]:
             raise ProbeError(path, f"encoder_attention_mask covers {m.shape[1]} keys but "
                                    f"encoder_hidden_states has {c.shape[1]}")
+        if m is not None and not bool(m.bool().any()):
+            where = f"{prefix}." if prefix else ""
+            raise ProbeError(path, f"{where}encoder_attention_mask hides every key: there is "
+                                   "no attention to measure")
 
 
 def _check_entry(path: Path, key: str, dtype: str, shape: tuple[int, ...]) -> None:

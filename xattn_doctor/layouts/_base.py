@@ -171,18 +171,20 @@ class BlockSpec:
             have = list(got) if got is not None else list(index.shape(ref.key) or ())
             return f"tensor {ref.key!r}{rows} has shape {have}, the block needs {list(want)}"
 
+        v_inner = self.kv_heads * (self.v_head_dim or self.head_dim)
+        attended = self.heads * (self.v_head_dim or self.head_dim)
         checks: list[tuple[TensorRef, tuple[int, ...]]] = []
         for lin, out, width in ((self.q, inner, self.query_dim),
                                 (self.k, kv_inner, self.context_dim),
-                                (self.v, kv_inner, self.context_dim)):
+                                (self.v, v_inner, self.context_dim)):
             checks.append((lin.weight, (out, width)))
             if lin.bias is not None:
                 checks.append((lin.bias, (out,)))
-        out_width = inner
+        out_width = attended
         if self.o is not None:
             o_shape = shape(self.o.weight)
             out_width = self.query_dim if self.residual or not o_shape else o_shape[0]
-            checks.append((self.o.weight, (out_width, inner)))
+            checks.append((self.o.weight, (out_width, attended)))
             if self.o.bias is not None:
                 checks.append((self.o.bias, (out_width,)))
         if self.residual and out_width != self.query_dim:

@@ -6,7 +6,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from xattn_doctor.findings import (
-    BlockResult, CheckpointInfo, Finding, Metrics, ProbeInfo, Remedy, Report, Severity, Symptom,
+    BlockResult,
+    CheckpointInfo,
+    Finding,
+    Metrics,
+    ProbeInfo,
+    Remedy,
+    Report,
+    Severity,
+    Symptom,
 )
 
 VERSION = "0.1.0"

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from xattn_doctor.findings import (
-    CheckpointInfo, Finding, ProbeInfo, Remedy, Report, Severity, Symptom,
+    CheckpointInfo,
+    Finding,
+    ProbeInfo,
+    Remedy,
+    Report,
+    Severity,
+    Symptom,
 )
 
 

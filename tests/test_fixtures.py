@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import make_fixtures
 import pytest
 
-import make_fixtures
 from xattn_doctor.api import diagnose
 from xattn_doctor.findings import Severity
 

@@ -7,7 +7,14 @@ import re
 import pytest
 import yaml
 from report_factory import (
-    CLIP_REMEDY, L3, L8, block, finding, healthy_report, report, sample_report,
+    CLIP_REMEDY,
+    L3,
+    L8,
+    block,
+    finding,
+    healthy_report,
+    report,
+    sample_report,
 )
 
 from xattn_doctor import formats

@@ -1049,7 +1049,7 @@ def _edit_header(b: bytearray, op: tuple[Any, ...]) -> None:
         header = json.loads(bytes(b[8:8 + n]))
         assert isinstance(header, dict)
         keys = [k for k in header if k != "__metadata__" and isinstance(header[k], dict)]
-    except Exception:  # noqa: BLE001 - an earlier mutation broke it; leave the bytes alone
+    except Exception:
         return
     kind = op[0]
     if kind == "meta":

@@ -154,7 +154,7 @@ def test_chunked_stats_equal_direct() -> None:
     q = torch.randn(2, 3, 37, 8) * 3
     k = torch.randn(2, 3, 53, 8) * 3
     valid = torch.rand(2, 53) > 0.2
-    logits = lambda a, b: a @ b.transpose(-1, -2)  # noqa: E731
+    logits = lambda a, b: a @ b.transpose(-1, -2)
     full = attention_stats(q, k, logits, valid, budget=1 << 30)
     tiny = attention_stats(q, k, logits, valid, budget=1)  # one query per chunk
     from xattn_doctor import stats
@@ -165,13 +165,13 @@ def test_chunked_stats_equal_direct() -> None:
         chunked = attention_stats(q, k, logits, valid)
     finally:
         stats.chunk_sizes = old
-    l = logits(q, k).masked_fill(~valid[:, None, None, :], -math.inf)
-    p = l.softmax(-1)
+    lg = logits(q, k).masked_fill(~valid[:, None, None, :], -math.inf)
+    p = lg.softmax(-1)
     ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).mean(dim=(0, 2))
     for s in (full, tiny, chunked):
         assert s.head_entropy == pytest.approx(ent.tolist(), abs=1e-5)
         assert s.max_weight == pytest.approx(float(p.max()), abs=1e-5)
-        assert s.max_logit == pytest.approx(float(l.max()), abs=1e-5)
+        assert s.max_logit == pytest.approx(float(lg.max()), abs=1e-5)
         assert s.saturated_share == pytest.approx(full.saturated_share, abs=1e-9)
         assert s.top_key_share == pytest.approx(full.top_key_share, abs=1e-9)
 
@@ -249,3 +249,18 @@ def test_learned_queries_get_gradients() -> None:
     assert inputs.x_source == "learned" and inputs.x.shape == (2, 7, 16)
     m = measure(block, inputs, RunSettings(torch.device("cpu"), torch.float32))
     assert m.grad_norms["learned_queries"] > 0
+
+
+def test_prefetch_yields_every_block_in_order_with_its_tensors() -> None:
+    from pathlib import Path
+
+    from xattn_doctor.checkpoint import open_checkpoint
+    from xattn_doctor.prefetch import blocks_with_tensors
+
+    ckpt = open_checkpoint(Path(__file__).resolve().parent.parent / "fixtures" / "stack6")
+    specs = detect(ckpt.index, ckpt.config).blocks
+    for ahead in (False, True):
+        got = list(blocks_with_tensors(ckpt, specs, ahead))
+        assert [s.name for s, _ in got] == [s.name for s in specs]
+        for spec, tensors in got:
+            assert set(tensors) == {role for role, _ in spec.refs()}

@@ -10,7 +10,8 @@ import pytest
 from xattn_doctor.findings import Severity, Symptom
 from xattn_doctor.formats import get, names
 from xattn_doctor.layouts import all_layouts
-from xattn_doctor.rules import all_rules, get as get_rule
+from xattn_doctor.rules import all_rules
+from xattn_doctor.rules import get as get_rule
 
 PKG = Path(__file__).resolve().parent.parent / "xattn_doctor"
 

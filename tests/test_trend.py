@@ -14,7 +14,12 @@ from xattn_doctor.findings import Severity, Symptom
 from xattn_doctor.rules import all_rules
 from xattn_doctor.rules._series import SeriesRule
 from xattn_doctor.trend import (
-    bad_run, checkpoint_step, checkpoint_steps, projected_crossing, trend_findings, trend_table,
+    bad_run,
+    checkpoint_step,
+    checkpoint_steps,
+    projected_crossing,
+    trend_findings,
+    trend_table,
 )
 
 SERIES_RULES = [r for r in all_rules() if r.series]

@@ -6,6 +6,7 @@ import gc
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from xattn_doctor import __version__
 from xattn_doctor.attention import RebuiltBlock
@@ -16,8 +17,10 @@ from xattn_doctor.layouts import Detection, detect
 from xattn_doctor.layouts._base import BlockSpec
 from xattn_doctor.measure import RunSettings, measure
 from xattn_doctor.options import Options
+from xattn_doctor.prefetch import blocks_with_tensors
 from xattn_doctor.probe import Probe, load_probe, synthetic
-from xattn_doctor.rules import BlockContext, run as run_rules
+from xattn_doctor.rules import BlockContext
+from xattn_doctor.rules import run as run_rules
 from xattn_doctor.runtime import resolve
 
 Progress = Callable[[str, int, int], None]  # (block name, index, total)
@@ -48,10 +51,11 @@ def diagnose_one(path: Path, probe: Probe | None, opts: Options,
         rt = resolve(opts.device, opts.dtype, ckpt.dtype)
         settings = RunSettings(rt.device, rt.dtype, opts.budget_bytes, opts.seed)
         blocks, findings, synthesized = [], [], []
-        for i, spec in enumerate(found.blocks):
+        ahead = rt.device.type == "cuda"
+        for i, (spec, tensors) in enumerate(blocks_with_tensors(ckpt, found.blocks, ahead)):
             if progress:
                 progress(spec.name, i, len(found.blocks))
-            result, spec_findings, label = _run_block(ckpt, spec, probe, settings, opts)
+            result, spec_findings, label = _run_block(ckpt, spec, tensors, probe, settings, opts)
             blocks.append(result)
             findings.extend(spec_findings)
             if label != "probe":
@@ -103,9 +107,8 @@ def _no_blocks_message(ckpt: Checkpoint, found: Detection) -> str:
             "or see README 'A model the tool does not recognise'")
 
 
-def _run_block(ckpt: Checkpoint, spec: BlockSpec, probe: Probe, settings: RunSettings,
-               opts: Options) -> tuple[BlockResult, list[Finding], str]:
-    tensors = ckpt.load(dict(spec.refs()))
+def _run_block(ckpt: Checkpoint, spec: BlockSpec, tensors: dict[str, Any], probe: Probe,
+               settings: RunSettings, opts: Options) -> tuple[BlockResult, list[Finding], str]:
     cast = {r: t.to(settings.device, settings.dtype) if t.is_floating_point() else t
             for r, t in tensors.items()}
     block = RebuiltBlock(spec, cast)

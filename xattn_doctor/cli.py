@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -87,7 +87,7 @@ def error_boundary() -> Iterator[None]:
             raise
         typer.echo(f"xattn-doctor: error: {e}", err=True)
         raise typer.Exit(2) from None
-    except Exception as e:  # noqa: BLE001 - the contract: never a traceback
+    except Exception as e:
         if debug:
             raise
         detail = " ".join(str(e).split()) or type(e).__name__
@@ -186,11 +186,9 @@ def _refuse_overwriting_inputs(output: Path | None, checkpoints: list[Path],
     for c in checkpoints:
         inputs.append(c)
         folder = c if c.is_dir() else c.parent
-        try:
+        with suppress(OSError):
             inputs += [q for q in folder.iterdir() if q.name == "config.json"
                        or q.name.endswith((".safetensors", ".index.json"))]
-        except OSError:
-            pass
     for p in inputs:
         try:
             same = os.path.samefile(output, p)
@@ -281,4 +279,4 @@ def main() -> None:
     app()
 
 
-from xattn_doctor import cli_suggest  # noqa: E402,F401  registers suggest-config
+from xattn_doctor import cli_suggest  # noqa: F401  (registers the suggest-config command)

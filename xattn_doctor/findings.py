@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 SCHEMA_VERSION = 1
 SATURATED_WEIGHT = 0.99  # a query whose largest attention weight exceeds this is saturated
 
 
-class Severity(str, Enum):
+class Severity(StrEnum):
     """How bad a finding is; ordered info < warning < error."""
 
     INFO = "info"
@@ -34,7 +34,7 @@ class Severity(str, Enum):
 _SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.ERROR: 2}
 
 
-class Symptom(str, Enum):
+class Symptom(StrEnum):
     """The contract's symptom families; each owns one digit of the rule codes."""
 
     GRADIENT_EXPLOSION = "gradient_explosion"

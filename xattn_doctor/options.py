@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fnmatch
 import reprlib
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,10 +215,7 @@ def _read_small(path: Path) -> str:
 
 
 def _pyproject_table(path: Path) -> dict[str, Any] | None:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib  # type: ignore[no-redef]
+    import tomllib  # type: ignore[no-redef]
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except RecursionError as e:

@@ -26,6 +26,7 @@ checkpoint and the probe also run in subprocesses. Children a and b additionally
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -210,7 +211,7 @@ def _shard_map(ckpt: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as fh:
-        return {k: "model.safetensors" for k in fh.keys()}
+        return {k: "model.safetensors" for k in fh}
 
 
 def _is_text_cross_attn_key(key: str) -> bool:
@@ -329,7 +330,7 @@ def child_info(args: argparse.Namespace) -> int:
     for mod in ("torch", "transformers", "safetensors"):
         try:
             info[mod] = __import__(mod).__version__
-        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        except Exception as exc:
             info[mod] = f"unavailable ({exc.__class__.__name__})"
     try:
         import torch
@@ -338,7 +339,7 @@ def child_info(args: argparse.Namespace) -> int:
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         if torch.cuda.is_available():
             info["cuda_device"] = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     _child_report(t0, dict(kind="info", **info))
     return 0
@@ -375,10 +376,8 @@ def run_child(cmd: list[str], *, cwd: Path, env: dict, timeout: float) -> Run:
 
         def _kill() -> None:
             fired.set()
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
         timer = threading.Timer(timeout, _kill)
         timer.start()
@@ -517,7 +516,7 @@ def max_of(runs: list[dict], field: str) -> float | None:
 
 def machine_info(args: argparse.Namespace, env: dict) -> dict:
     info = dict(
-        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         platform=platform.platform(), python=platform.python_version(), cpu_count=os.cpu_count(),
         affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         loadavg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -656,12 +655,12 @@ def main_bench(argv: list[str]) -> int:
         row = f"{rnd + 1:<6d}"
         for w, m in cols:
             r = results[w][m][rnd]
-            row += f"{('%8.2f s %8.0f MB' % (r['wall_s'], r['peak_rss_mb'])) if r.get('ok') else 'n/a':>22s}"
+            row += f"{('{:8.2f} s {:8.0f} MB'.format(r['wall_s'], r['peak_rss_mb'])) if r.get('ok') else 'n/a':>22s}"
         print(row)
     row = "median"
     for w, m in cols:
         t, rss = median_of(results[w][m], "wall_s"), median_of(results[w][m], "peak_rss_mb")
-        row += f"{('%8.2f s %8.0f MB' % (t, rss)) if t is not None else 'n/a':>22s}"
+        row += f"{(f'{t:8.2f} s {rss:8.0f} MB') if t is not None else 'n/a':>22s}"
     print(row)
 
     base = results["base"]

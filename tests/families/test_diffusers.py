@@ -136,7 +136,7 @@ def test_unet_every_attn2_found_with_per_block_heads(unet_dir: Path) -> None:
         assert spec.q.weight.key == f"{spec.name}.attn2.to_q.weight"
         assert spec.o is not None and spec.o.weight.key == f"{spec.name}.attn2.to_out.0.weight"
         assert spec.residual and spec.gate is None and spec.context_norm is None
-        assert not any(".attn1." in key for key in spec.keys())
+        assert not any(".attn1." in key for key in spec)
 
 
 def test_layout_outranks_generic_layouts() -> None:
@@ -364,8 +364,9 @@ def test_capture_points_reproduce_the_library_sub_block(which: str, unet: Any, u
 def test_capture_probe_then_diagnose_uses_the_captured_inputs(unet: Any, unet_dir: Path,
                                                               tmp_path: Path) -> None:
     """capture_probe hooks norm2 (query stream) and attn2 (context) of each block."""
-    import xattn_doctor
     from safetensors import safe_open
+
+    import xattn_doctor
 
     gen = torch.Generator().manual_seed(6)
     keep = torch.ones(2, 5, dtype=torch.long)

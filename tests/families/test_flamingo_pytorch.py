@@ -9,15 +9,20 @@ import pytest
 import torch
 
 fp = pytest.importorskip("flamingo_pytorch", reason="flamingo-pytorch (lucidrains) not installed")
+from _block_check import (
+    entropy,
+    max_logit,
+    probs,
+    rebuild,
+    recorded_calls,
+    recorded_einsum,
+    write_config,
+)
 from flamingo_pytorch import flamingo_pytorch as fp_mod
 from safetensors.torch import load_file, save_file, save_model
 
 from xattn_doctor.checkpoint import open_checkpoint
 from xattn_doctor.layouts import all_layouts
-
-from _block_check import (
-    entropy, max_logit, probs, rebuild, recorded_calls, recorded_einsum, write_config,
-)
 
 pytestmark = pytest.mark.family
 

@@ -14,9 +14,9 @@ torch = pytest.importorskip("torch", reason="the family tests build real models 
 T = pytest.importorskip("transformers", minversion="5.0",
                         reason="IDEFICS tests need transformers>=5")
 
-import _hf_family as H  # noqa: E402
+import _hf_family as H
 
-from xattn_doctor.layouts import all_layouts  # noqa: E402
+from xattn_doctor.layouts import all_layouts
 
 VISION = dict(embed_dim=24, image_size=16, patch_size=8, num_hidden_layers=1,
               num_attention_heads=2, intermediate_size=48)

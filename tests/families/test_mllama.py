@@ -290,8 +290,9 @@ def test_capture_through_live_path_reproduces_the_library_block(model: Any, save
 def test_capture_probe_then_diagnose_uses_the_captured_inputs(model: Any, saved: Path,
                                                               tmp_path: Path) -> None:
     """capture_probe on the live model writes per-block keys under the saved names."""
-    import xattn_doctor
     from safetensors import safe_open
+
+    import xattn_doctor
 
     patches = model.model.vision_model.num_patches
     gen = torch.Generator().manual_seed(3)

@@ -26,16 +26,20 @@ if importlib.util.find_spec("open_flamingo") is None:
     pytest.skip("open_flamingo not installed (pip install --no-deps open_flamingo)",
                 allow_module_level=True)
 
+from _block_check import (
+    entropy,
+    max_logit,
+    probs,
+    rebuild,
+    recorded_calls,
+    recorded_einsum,
+)
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file, save_file, save_model
 
 from xattn_doctor.attention import RebuiltBlock
 from xattn_doctor.checkpoint import open_checkpoint
 from xattn_doctor.layouts import KeyIndex, ModelConfig, all_layouts, detect
-
-from _block_check import (
-    entropy, max_logit, probs, rebuild, recorded_calls, recorded_einsum,
-)
 
 pytestmark = pytest.mark.family
 

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 tf = pytest.importorskip("transformers", reason="transformers (Perceiver models) not installed")
+from _block_check import entropy, max_logit, probs, rebuild, recorded_calls
 from safetensors.torch import load_file, save_file
 
 from xattn_doctor.checkpoint import open_checkpoint
 from xattn_doctor.layouts import all_layouts
-
-from _block_check import entropy, max_logit, probs, rebuild, recorded_calls
 
 pytestmark = pytest.mark.family
 LAYOUT = next(lay for lay in all_layouts() if lay.name == "hf_perceiver")

@@ -10,14 +10,19 @@ import pytest
 import torch
 
 pp = pytest.importorskip("perceiver_pytorch", reason="perceiver-pytorch (lucidrains) not installed")
+from _block_check import (
+    entropy,
+    max_logit,
+    probs,
+    rebuild,
+    recorded_calls,
+    recorded_einsum,
+    write_config,
+)
 from safetensors.torch import load_file, save_file, save_model
 
 from xattn_doctor.checkpoint import open_checkpoint
 from xattn_doctor.layouts import all_layouts
-
-from _block_check import (
-    entropy, max_logit, probs, rebuild, recorded_calls, recorded_einsum, write_config,
-)
 
 pytestmark = pytest.mark.family
 LAYOUT = next(lay for lay in all_layouts() if lay.name == "perceiver_pytorch")

@@ -33,7 +33,7 @@ def num(value: float | int | None) -> str:
     """A number for people: 4 significant digits; '-' when missing."""
     if value is None:
         return "-"
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, (bool, int)):
         return str(value)
     return str(value) if not math.isfinite(value) else fmt(value)
 

@@ -14,8 +14,18 @@ from collections.abc import Callable
 from typing import Any
 
 from xattn_doctor.layouts._base import (
-    BlockSpec, Gate, HeadsSource, KeyIndex, Linear, ModelConfig, TensorRef, default_heads, join,
-    linear, norm, parent,
+    BlockSpec,
+    Gate,
+    HeadsSource,
+    KeyIndex,
+    Linear,
+    ModelConfig,
+    TensorRef,
+    default_heads,
+    join,
+    linear,
+    norm,
+    parent,
 )
 
 HeadsFn = Callable[[int], tuple[int, HeadsSource]]

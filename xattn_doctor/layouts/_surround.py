@@ -10,7 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xattn_doctor.layouts._base import (
-    Gate, KeyIndex, Norm, TensorRef, first, join, parent,
+    Gate,
+    KeyIndex,
+    Norm,
+    TensorRef,
+    first,
+    join,
+    parent,
 )
 
 QUERY_PRE = ("query_norm", "norm_query", "q_pre_norm", "ln_query", "norm_q_in", "x_norm",

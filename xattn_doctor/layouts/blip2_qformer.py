@@ -24,7 +24,16 @@ from typing import Any
 
 from xattn_doctor.layouts import register
 from xattn_doctor.layouts._base import (
-    BlockSpec, KeyIndex, Linear, ModelConfig, Norm, TensorRef, join, linear, norm, parent,
+    BlockSpec,
+    KeyIndex,
+    Linear,
+    ModelConfig,
+    Norm,
+    TensorRef,
+    join,
+    linear,
+    norm,
+    parent,
     resolve_heads,
 )
 from xattn_doctor.layouts._hf_mask import key_mask

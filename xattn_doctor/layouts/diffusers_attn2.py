@@ -24,8 +24,18 @@ from typing import Any
 
 from xattn_doctor.layouts import register
 from xattn_doctor.layouts._base import (
-    BlockSpec, HeadsSource, KeyIndex, Linear, ModelConfig, Norm, common_prefix, join, linear,
-    norm, parent, resolve_heads,
+    BlockSpec,
+    HeadsSource,
+    KeyIndex,
+    Linear,
+    ModelConfig,
+    Norm,
+    common_prefix,
+    join,
+    linear,
+    norm,
+    parent,
+    resolve_heads,
 )
 
 UNET_BLOCK = re.compile(r"(?:^|\.)(down_blocks|up_blocks)\.(\d+)\.|(?:^|\.)mid_block\.")

@@ -13,7 +13,12 @@ from dataclasses import replace
 
 from xattn_doctor.layouts import register
 from xattn_doctor.layouts._base import (
-    BlockSpec, KeyIndex, ModelConfig, common_prefix, join, linear,
+    BlockSpec,
+    KeyIndex,
+    ModelConfig,
+    common_prefix,
+    join,
+    linear,
 )
 
 # Transformers whose every `attn` is joint, including single-stream blocks without add_*_proj.

@@ -13,8 +13,13 @@ from typing import Any
 from xattn_doctor.layouts import register
 from xattn_doctor.layouts._base import BlockSpec, KeyIndex, ModelConfig
 from xattn_doctor.layouts._lucidrains import (
-    capture_gated, capture_resampler, config_heads, gated_modules, gated_xattn,
-    resampler_attention, resampler_modules,
+    capture_gated,
+    capture_resampler,
+    config_heads,
+    gated_modules,
+    gated_xattn,
+    resampler_attention,
+    resampler_modules,
 )
 
 

@@ -9,8 +9,16 @@ from dataclasses import replace
 
 from xattn_doctor.layouts import register
 from xattn_doctor.layouts._base import (
-    BlockSpec, KeyIndex, Linear, ModelConfig, TensorRef, classify, common_prefix, join,
-    linear, resolve_heads,
+    BlockSpec,
+    KeyIndex,
+    Linear,
+    ModelConfig,
+    TensorRef,
+    classify,
+    common_prefix,
+    join,
+    linear,
+    resolve_heads,
 )
 from xattn_doctor.layouts._surround import surroundings
 from xattn_doctor.layouts.torch_mha import HEAD_KEYS

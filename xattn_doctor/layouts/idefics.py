@@ -21,7 +21,15 @@ from typing import Any
 
 from xattn_doctor.layouts import register
 from xattn_doctor.layouts._base import (
-    BlockSpec, Gate, KeyIndex, Linear, ModelConfig, TensorRef, join, linear, norm,
+    BlockSpec,
+    Gate,
+    KeyIndex,
+    Linear,
+    ModelConfig,
+    TensorRef,
+    join,
+    linear,
+    norm,
     resolve_heads,
 )
 from xattn_doctor.layouts._hf_mask import key_mask

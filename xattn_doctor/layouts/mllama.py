@@ -22,8 +22,18 @@ from typing import Any
 
 from xattn_doctor.layouts import register
 from xattn_doctor.layouts._base import (
-    BlockSpec, Gate, HeadsSource, KeyIndex, Linear, ModelConfig, Norm, TensorRef, join, linear,
-    norm, resolve_heads,
+    BlockSpec,
+    Gate,
+    HeadsSource,
+    KeyIndex,
+    Linear,
+    ModelConfig,
+    Norm,
+    TensorRef,
+    join,
+    linear,
+    norm,
+    resolve_heads,
 )
 
 GATE = "cross_attn_attn_gate"

@@ -22,10 +22,18 @@ from typing import Any
 
 from xattn_doctor.layouts import register
 from xattn_doctor.layouts._base import (
-    BlockSpec, HeadsSource, KeyIndex, ModelConfig, default_heads,
+    BlockSpec,
+    HeadsSource,
+    KeyIndex,
+    ModelConfig,
+    default_heads,
 )
 from xattn_doctor.layouts._lucidrains import (
-    capture_gated, capture_resampler, gated_modules, gated_xattn, resampler_attention,
+    capture_gated,
+    capture_resampler,
+    gated_modules,
+    gated_xattn,
+    resampler_attention,
     resampler_modules,
 )
 

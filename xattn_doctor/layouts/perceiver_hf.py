@@ -16,7 +16,16 @@ from typing import Any
 
 from xattn_doctor.layouts import register
 from xattn_doctor.layouts._base import (
-    BlockSpec, HeadsSource, KeyIndex, ModelConfig, Norm, TensorRef, join, linear, norm, parent,
+    BlockSpec,
+    HeadsSource,
+    KeyIndex,
+    ModelConfig,
+    Norm,
+    TensorRef,
+    join,
+    linear,
+    norm,
+    parent,
 )
 
 ENCODER_TAIL = "encoder.cross_attention.attention"

@@ -18,7 +18,11 @@ from typing import Any
 from xattn_doctor.layouts import register
 from xattn_doctor.layouts._base import BlockSpec, KeyIndex, ModelConfig, join, linear, norm
 from xattn_doctor.layouts._lucidrains import (
-    LATER_LAYER_NOTE, config_heads, first_layer, latents_above, packed_kv,
+    LATER_LAYER_NOTE,
+    config_heads,
+    first_layer,
+    latents_above,
+    packed_kv,
 )
 
 DECODER = "decoder_cross_attn"

@@ -95,16 +95,9 @@ def _detect(ckpt: Checkpoint, opts: Options) -> Detection:
 
 
 def _no_blocks_message(ckpt: Checkpoint, found: Detection) -> str:
-    try:
-        from xattn_doctor.layouts._nocross import explain_no_blocks
-    except ImportError:
-        explain_no_blocks = None
-    if explain_no_blocks is not None:
-        return explain_no_blocks(ckpt.index, ckpt.config, found.tried)
-    seen = f"; seen but left out: {len(found.skipped)} block(s)" if found.skipped else ""
-    return (f"no cross-attention block recognised among {len(ckpt.where)} tensors (layouts "
-            f"tried: {', '.join(found.tried)}){seen}; name the module as cross-attention, "
-            "or see README 'A model the tool does not recognise'")
+    from xattn_doctor.layouts._nocross import explain_no_blocks
+
+    return explain_no_blocks(ckpt.index, ckpt.config, found.tried)
 
 
 def _run_block(ckpt: Checkpoint, spec: BlockSpec, tensors: dict[str, Any], probe: Probe,

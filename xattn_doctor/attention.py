@@ -74,9 +74,9 @@ class RebuiltBlock(nn.Module):
         if not s.qk_norm_per_head:
             q = self._norm(q, s.q_norm, "q_norm")
             k = self._norm(k, s.k_norm, "k_norm")
-        q = q.unflatten(-1, (s.heads, s.head_dim)).transpose(1, 2)
-        k = k.unflatten(-1, (s.kv_heads, s.head_dim)).transpose(1, 2)
-        v = v.unflatten(-1, (s.kv_heads, s.v_head_dim or s.head_dim)).transpose(1, 2)
+        q = q.reshape(*q.shape[:-1], s.heads, s.head_dim).transpose(1, 2)
+        k = k.reshape(*k.shape[:-1], s.kv_heads, s.head_dim).transpose(1, 2)
+        v = v.reshape(*v.shape[:-1], s.kv_heads, s.v_head_dim or s.head_dim).transpose(1, 2)
         if s.qk_norm_per_head:
             q = self._norm(q, s.q_norm, "q_norm")
             k = self._norm(k, s.k_norm, "k_norm")

@@ -70,7 +70,7 @@ def capture_probe(model: nn.Module, inputs: Mapping[str, Any] | tuple[Any, ...],
 def _blocks(model: nn.Module) -> list[BlockSpec]:
     index = KeyIndex(_saved_shapes(model))
     cfg = getattr(model, "config", None)
-    data = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    data = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
     found = detect(index, ModelConfig(data))
     if not found.blocks:
         raise ProbeError(None, "no cross-attention block recognised in the model")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -204,7 +204,7 @@ def _color(output: Path | None, fmt: str) -> bool:
 
 
 @contextmanager
-def progress_bar(fmt: str, output: Path | None) -> Iterator[object]:
+def progress_bar(fmt: str, output: Path | None) -> Iterator[Callable[[str, int, int], None] | None]:
     """A rich progress bar on stderr when it is a terminal and the report is for people."""
     if not sys.stderr.isatty() or fmt not in ("text", "markdown"):
         yield None

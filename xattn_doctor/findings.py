@@ -143,7 +143,8 @@ class Metrics:
 
     def to_json(self) -> dict[str, Any]:
         """All metrics as JSON-safe values (non-finite floats become strings)."""
-        return _clean(asdict(self))
+        out: dict[str, Any] = _clean(asdict(self))
+        return out
 
 
 @dataclass

@@ -47,8 +47,8 @@ def measure(block: RebuiltBlock, inputs: BlockInputs, run: RunSettings) -> Metri
     params = block.role_parameters()
     m.weight_norms = {r: float(p.detach().float().norm()) for r, p in params.items()}
     m.nonfinite = {f"weight:{r}": n for r, p in params.items() if (n := _nonfinite(p))}
-    m.nonfinite.update({f"input:{n}": k for n, t in (("hidden_states", x), ("context", c))
-                        if (k := _nonfinite(t))})
+    m.nonfinite.update({f"input:{n}": bad for n, t in (("hidden_states", x), ("context", c))
+                        if (bad := _nonfinite(t))})
     learned = block.p("learned_queries")
     if inputs.x_source == "learned" and learned is not None:
         x = learned.reshape(1, -1, learned.shape[-1]).expand(x.shape[0], -1, -1)
@@ -120,7 +120,7 @@ def _backward(block: RebuiltBlock, x: Tensor, c: Tensor, qkv: tuple[Tensor, Tens
     y = block.finish(xs, block.attend(q, k, v, valid))
     cot = torch.randn(y.shape, generator=gen).to(y.device)
     loss = (y.float() * cot).sum() / (y.shape[0] * y.shape[1])
-    loss.backward()
+    torch.autograd.backward(loss)
     m.output_rms = _rms(y.detach())
     m.max_abs_activation = max(m.max_abs_activation or 0.0, _absmax(y))
     if (n := _nonfinite(y.detach())):

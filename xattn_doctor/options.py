@@ -215,7 +215,7 @@ def _read_small(path: Path) -> str:
 
 
 def _pyproject_table(path: Path) -> dict[str, Any] | None:
-    import tomllib  # type: ignore[no-redef]
+    import tomllib
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except RecursionError as e:

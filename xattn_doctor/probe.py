@@ -84,10 +84,10 @@ class Probe:
                                             f"{width}")
             self.used.add(own)
             return t, "probe:block"
-        t = None if own_only else self.tensors.get(key)
-        if t is not None and t.shape[-1] == width:
+        shared = None if own_only else self.tensors.get(key)
+        if shared is not None and shared.shape[-1] == width:
             self.used.add(key)
-            return t, "probe"
+            return shared, "probe"
         return None, ""
 
     def _mask(self, spec: BlockSpec, c: Tensor) -> Tensor | None:

@@ -54,7 +54,10 @@ def attention_stats(q: Tensor, k: Tensor, logits: Callable[[Tensor, Tensor], Ten
     ent, maxw, arg, maxl, bad = [], [], [], [], 0
     for q0 in range(0, lq, qc):
         e, w, a, ml, nb = _sweep(q[:, :, q0:q0 + qc], k, logits, valid, kc)
-        ent.append(e), maxw.append(w), arg.append(a), maxl.append(ml)
+        ent.append(e)
+        maxw.append(w)
+        arg.append(a)
+        maxl.append(ml)
         bad += nb
     return _summarise(torch.cat(ent, -1), torch.cat(maxw, -1), torch.cat(arg, -1),
                       max(maxl), bad, valid)

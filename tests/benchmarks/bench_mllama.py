@@ -211,7 +211,7 @@ def _shard_map(ckpt: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as fh:
-        return {k: "model.safetensors" for k in fh}
+        return {k: "model.safetensors" for k in fh.keys()}  # noqa: SIM118  (a safe_open handle, not a dict)
 
 
 def _is_text_cross_attn_key(key: str) -> bool:

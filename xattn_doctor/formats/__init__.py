@@ -16,7 +16,7 @@ T = TypeVar("T")
 def register(cls: type[T]) -> type[T]:
     """Class decorator: instantiate the renderer and add it under its `name`."""
     inst = cls()
-    name = inst.name
+    name: str = getattr(inst, "name")  # noqa: B009  (T is any renderer class)
     if name in _FORMATS:
         raise ValueError(f"format {name!r} registered twice")
     _FORMATS[name] = inst  # type: ignore[assignment]

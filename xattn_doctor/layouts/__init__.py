@@ -22,7 +22,7 @@ T = TypeVar("T")
 def register(cls: type[T]) -> type[T]:
     """Class decorator: instantiate the layout and add it to the registry."""
     inst = cls()
-    name = inst.name
+    name: str = getattr(inst, "name")  # noqa: B009  (T is any layout class)
     if name in _LAYOUTS:
         raise ValueError(f"layout {name!r} registered twice")
     _LAYOUTS[name] = inst  # type: ignore[assignment]

@@ -19,7 +19,7 @@ def live_prefix(keys: Iterable[str], spec: BlockSpec) -> str | None:
     or ambiguous)."""
     keyset = keys if isinstance(keys, (set, frozenset)) else set(keys)
     head = spec.name + "." if spec.name else ""
-    rel = sorted(k[len(head):] for k in spec if k.startswith(head))  # not learned queries
+    rel = sorted(k[len(head):] for k in spec.keys() if k.startswith(head))  # noqa: SIM118
     if not rel:
         return None
     if all(join(spec.name, r) in keyset for r in rel):

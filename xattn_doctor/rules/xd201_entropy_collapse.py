@@ -16,7 +16,7 @@ def threshold(opts: Mapping[str, Any], valid_keys: float | None) -> float:
     """min(nats, fraction * ln(valid keys)): 0.5 nats, scaled down for short key sets."""
     n = valid_keys or 0.0
     scaled = opts["fraction"] * math.log(n) if n > 1 else 0.0
-    return min(opts["nats"], scaled)
+    return float(min(opts["nats"], scaled))
 
 
 @register

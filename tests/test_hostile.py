@@ -553,12 +553,7 @@ CHECKPOINT_CASES: dict[str, Case] = {
 }
 
 
-# Known gap (layouts): a tensor whose shape does not fit is not matched at all, so the block
-# is diagnosed without it (a rank-2 norm weight: without the norm) or silently left out.
-LENIENT = "layout drops a misshapen tensor or block silently instead of refusing the file"
-CHECKPOINT_PARAMS = [pytest.param(c, marks=pytest.mark.xfail(reason=LENIENT, strict=True))
-                     if c in ("weight_shape_mismatch", "norm_shape_mismatch") else c
-                     for c in CHECKPOINT_CASES]
+CHECKPOINT_PARAMS = list(CHECKPOINT_CASES)
 
 
 @pytest.mark.parametrize("case", CHECKPOINT_PARAMS)

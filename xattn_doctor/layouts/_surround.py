@@ -83,6 +83,20 @@ def _at(index: KeyIndex, module: str, layer: str, names: tuple[str, ...], width:
         found = first(index, place, names)
         if found is not None and found.width == width:
             return found
+        broken = _misshapen(index, place, names, width)
+        if broken is not None:
+            return broken
+    return None
+
+
+def _misshapen(index: KeyIndex, place: str, names: tuple[str, ...], width: int) -> Norm | None:
+    """A norm under one of `names` whose weight is not a vector: kept, at the width it should
+    have, so the block's shape check refuses the file instead of dropping the norm."""
+    for n in names:
+        key = join(join(place, n), "weight")
+        shape = index.shape(key)
+        if shape is not None and len(shape) != 1:
+            return Norm("layer", width, TensorRef(key))
     return None
 
 

@@ -16,7 +16,6 @@ from xattn_doctor.layouts._base import (
     classify,
     common_prefix,
     join,
-    linear,
     resolve_heads,
 )
 from xattn_doctor.layouts._surround import surroundings
@@ -42,10 +41,14 @@ class TorchMHA:
         return found
 
     def _block(self, index: KeyIndex, config: ModelConfig, module: str) -> BlockSpec | None:
-        out = linear(index, join(module, "out_proj"))
-        if out is None:
+        out_key = join(module, "out_proj.weight")
+        if out_key not in index:
             return None
-        e = (index.shape(out.weight.key) or (0,))[0]
+        out_bias = join(module, "out_proj.bias")
+        out = Linear(TensorRef(out_key), TensorRef(out_bias) if out_bias in index else None)
+        e = self._embed_dim(index, module)
+        if not e:
+            return None
         projs = self._projections(index, module, e)
         if projs is None:
             return None
@@ -65,6 +68,16 @@ class TorchMHA:
         )
         name = common_prefix(spec.keys())
         return replace(spec, name=name, role=classify(module or name, e, kdim))
+
+    @staticmethod
+    def _embed_dim(index: KeyIndex, module: str) -> int:
+        """The embed width, from the q projection (an out_proj of the wrong shape is then
+        refused by the shape check, not taken for another width)."""
+        packed = index.shape(join(module, "in_proj_weight"))
+        if packed is not None:
+            return packed[0] // 3 if len(packed) == 2 and packed[0] % 3 == 0 else 0
+        q = index.shape(join(module, "q_proj_weight"))
+        return q[0] if q is not None and len(q) == 2 else 0
 
     @staticmethod
     def _projections(index: KeyIndex, module: str,

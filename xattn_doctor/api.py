@@ -6,22 +6,22 @@ import gc
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xattn_doctor import __version__
-from xattn_doctor.attention import RebuiltBlock
 from xattn_doctor.checkpoint import Checkpoint, open_checkpoint
 from xattn_doctor.errors import CheckpointError, NoBlocksError, UsageError
 from xattn_doctor.findings import BlockResult, CheckpointInfo, Finding, ProbeInfo, Report
 from xattn_doctor.layouts import Detection, detect
 from xattn_doctor.layouts._base import BlockSpec
-from xattn_doctor.measure import RunSettings, measure
 from xattn_doctor.options import Options
 from xattn_doctor.prefetch import blocks_with_tensors
 from xattn_doctor.probe import Probe, load_probe, synthetic
 from xattn_doctor.rules import BlockContext
 from xattn_doctor.rules import run as run_rules
-from xattn_doctor.runtime import resolve
+
+if TYPE_CHECKING:
+    from xattn_doctor.measure import RunSettings
 
 Progress = Callable[[str, int, int], None]  # (block name, index, total)
 
@@ -48,6 +48,9 @@ def diagnose_one(path: Path, probe: Probe | None, opts: Options,
         found = _detect(ckpt, opts)
         probe = probe or synthetic(opts.seed)
         probe.used = set()
+        from xattn_doctor.measure import RunSettings
+        from xattn_doctor.runtime import resolve
+
         rt = resolve(opts.device, opts.dtype, ckpt.dtype)
         settings = RunSettings(rt.device, rt.dtype, opts.budget_bytes, opts.seed)
         blocks, findings, synthesized = [], [], []
@@ -102,6 +105,9 @@ def _no_blocks_message(ckpt: Checkpoint, found: Detection) -> str:
 
 def _run_block(ckpt: Checkpoint, spec: BlockSpec, tensors: dict[str, Any], probe: Probe,
                settings: RunSettings, opts: Options) -> tuple[BlockResult, list[Finding], str]:
+    from xattn_doctor.attention import RebuiltBlock
+    from xattn_doctor.measure import measure
+
     cast = {r: t.to(settings.device, settings.dtype) if t.is_floating_point() else t
             for r, t in tensors.items()}
     block = RebuiltBlock(spec, cast)

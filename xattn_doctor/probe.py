@@ -10,13 +10,14 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from xattn_doctor.errors import ProbeError
 from xattn_doctor.layouts._base import BlockSpec
 from xattn_doctor.st_header import FLOAT_DTYPES, read_header
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 KEYS = ("hidden_states", "encoder_hidden_states", "encoder_attention_mask")
 MAX_PROBE_BYTES = 4 * 1024**3
@@ -63,6 +64,8 @@ class Probe:
         batch = x.shape[0] if x is not None else c.shape[0] if c is not None else SYNTH_BATCH
         # mod 2**64: torch takes a uint64 (a negative seed already wraps so); any --seed works
         seed = (self.seed * 1_000_003 + zlib.crc32(spec.name.encode())) % 2**64
+        import torch
+
         gen = torch.Generator().manual_seed(seed)
         if x is None:
             x, xs = torch.randn(batch, SYNTH_QUERIES, spec.query_dim, generator=gen), "synthetic"

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import TypeVar
 
+from xattn_doctor._plugins import load
 from xattn_doctor.formats._base import Renderer
 
 _FORMATS: dict[str, Renderer] = {}
-_LOADED = False
 T = TypeVar("T")
 
 
@@ -24,12 +22,7 @@ def register(cls: type[T]) -> type[T]:
 
 
 def _load() -> None:
-    global _LOADED
-    if not _LOADED:
-        for info in pkgutil.iter_modules(__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{info.name}")
-        _LOADED = True
+    load(__name__, __path__)
 
 
 def names() -> list[str]:

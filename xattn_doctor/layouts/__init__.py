@@ -7,15 +7,13 @@ Flamingo block is never reported twice.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from xattn_doctor._plugins import load
 from xattn_doctor.layouts._base import BlockSpec, KeyIndex, Layout, ModelConfig
 
 _LAYOUTS: dict[str, Layout] = {}
-_LOADED = False
 T = TypeVar("T")
 
 
@@ -30,12 +28,7 @@ def register(cls: type[T]) -> type[T]:
 
 
 def _load() -> None:
-    global _LOADED
-    if not _LOADED:
-        for info in pkgutil.iter_modules(__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{info.name}")
-        _LOADED = True
+    load(__name__, __path__)
 
 
 def all_layouts() -> list[Layout]:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import re
 from collections.abc import Mapping
 from typing import Any
 
+from xattn_doctor._plugins import load
 from xattn_doctor.findings import Finding, Severity
 from xattn_doctor.rules._base import BlockContext, Rule
 
 _RULES: dict[str, Rule] = {}
 _ALIASES: dict[str, str] = {}
-_LOADED = False
 CODE_RE = re.compile(r"^XD[1-6]\d\d$")
 
 
@@ -30,12 +28,7 @@ def register(cls: type[Rule]) -> type[Rule]:
 
 
 def _load() -> None:
-    global _LOADED
-    if not _LOADED:
-        for info in pkgutil.iter_modules(__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{info.name}")
-        _LOADED = True
+    load(__name__, __path__)
 
 
 def all_rules() -> list[Rule]:

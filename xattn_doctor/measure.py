@@ -144,9 +144,12 @@ def _nonfinite(t: Tensor) -> int:
 
 
 def _absmax(t: Tensor) -> float:
+    """Largest finite |value| (no boolean indexing: its index tensor is 8 bytes an element)."""
     t = t.detach()
-    finite = t[torch.isfinite(t)]
-    return float(finite.abs().max()) if finite.numel() else 0.0
+    if not t.numel():
+        return 0.0
+    return float(torch.where(torch.isfinite(t), t.abs(), torch.zeros((), dtype=t.dtype,
+                                                                     device=t.device)).amax())
 
 
 def _rms(t: Tensor) -> float:

@@ -8,9 +8,8 @@ module (`xattn_doctor.attention`) runs every `BlockSpec`, whatever family it cam
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -143,81 +142,10 @@ class BlockSpec:
         return {ref.key for _, ref in self.refs()} | set(self.extra_keys)
 
     def shape_problem(self, index: KeyIndex) -> str | None:
-        """Why the tensors' shapes in `index` cannot run as this block (None when they can).
+        """Why the tensors' shapes in `index` cannot run as this block (None when they can)."""
+        from xattn_doctor.layouts._shapes import shape_problem
 
-        The rebuilt module follows the order of operations above exactly, so each tensor must
-        have the shape that order gives it; a file whose shapes were edited (or corrupted into
-        another valid header) is refused here instead of failing inside torch.
-        """
-        inner, kv_inner = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        if min(self.heads, self.kv_heads, self.head_dim, self.query_dim, self.context_dim) < 1 \
-                or self.heads % self.kv_heads:
-            return (f"no valid head split: {self.heads} heads ({self.kv_heads} key/value) of "
-                    f"width {self.head_dim}, query width {self.query_dim}, context width "
-                    f"{self.context_dim}")
-
-        def shape(ref: TensorRef) -> tuple[int, ...] | None:
-            s = index.shape(ref.key)
-            if s is None or ref.rows is None:
-                return None if s is None else tuple(s)
-            lo, hi = ref.rows
-            return (hi - lo, *s[1:]) if s and 0 <= lo <= hi <= s[0] else None
-
-        def mismatch(ref: TensorRef, want: tuple[int, ...]) -> str | None:
-            got = shape(ref)
-            if got == want:
-                return None
-            rows = f" rows {ref.rows[0]}..{ref.rows[1]}" if ref.rows else ""
-            have = list(got) if got is not None else list(index.shape(ref.key) or ())
-            return f"tensor {ref.key!r}{rows} has shape {have}, the block needs {list(want)}"
-
-        v_inner = self.kv_heads * (self.v_head_dim or self.head_dim)
-        attended = self.heads * (self.v_head_dim or self.head_dim)
-        checks: list[tuple[TensorRef, tuple[int, ...]]] = []
-        for lin, out, width in ((self.q, inner, self.query_dim),
-                                (self.k, kv_inner, self.context_dim),
-                                (self.v, v_inner, self.context_dim)):
-            checks.append((lin.weight, (out, width)))
-            if lin.bias is not None:
-                checks.append((lin.bias, (out,)))
-        out_width = attended
-        if self.o is not None:
-            o_shape = shape(self.o.weight)
-            out_width = self.query_dim if self.residual or not o_shape else o_shape[0]
-            checks.append((self.o.weight, (out_width, attended)))
-            if self.o.bias is not None:
-                checks.append((self.o.bias, (out_width,)))
-        if self.residual and out_width != self.query_dim:
-            return (f"the attention output has width {out_width} but the residual stream "
-                    f"{self.query_dim}")
-        for norm, width in ((self.query_norm, self.query_dim),
-                            (self.context_norm, self.context_dim),
-                            (self.q_norm, self.head_dim if self.qk_norm_per_head else inner),
-                            (self.k_norm, self.head_dim if self.qk_norm_per_head else kv_inner),
-                            (self.post_norm, out_width)):
-            if norm is not None:
-                checks += [(ref, (width,)) for ref in (norm.weight, norm.bias) if ref is not None]
-        for ref, want in checks:
-            problem = mismatch(ref, want)
-            if problem:
-                return problem
-        others: list[tuple[TensorRef | None, Callable[[tuple[int, ...]], bool], str]] = [
-            (self.gate.param if self.gate else None,
-             lambda s: math.prod(s) == 1 or (s[-1] == out_width and math.prod(s) == out_width),
-             f"one value or {out_width}"),
-            (self.temperature, lambda s: math.prod(s) >= 1, "at least one value"),
-            (self.learned_queries, lambda s: len(s) >= 1 and s[-1] == self.query_dim
-             and math.prod(s) > 0, f"rows of width {self.query_dim}"),
-            (self.bias_k, lambda s: math.prod(s) == kv_inner, f"{kv_inner} values"),
-            (self.bias_v, lambda s: math.prod(s) == kv_inner, f"{kv_inner} values"),
-        ]
-        for opt, ok, need in others:
-            if opt is None:
-                continue
-            got = shape(opt)
-            if got is None or not ok(got):
-                return f"tensor {opt.key!r} has shape {list(got or ())}, the block needs {need}"
-        return None
+        return shape_problem(self, index)
 
     def with_heads(self, heads: int, kv_heads: int, source: HeadsSource) -> BlockSpec:
         """The same block with another head split of the same widths."""

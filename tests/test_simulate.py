@@ -37,7 +37,6 @@ class Case:
         self.spec: BlockSpec = detect(ckpt.index, ckpt.config, None).blocks[0]
         rt = resolve("cpu", "auto", ckpt.dtype)
         self.settings = RunSettings(rt.device, rt.dtype, OPTS.budget_bytes, 0)
-        ckpt.close()
 
     @property
     def before(self) -> Metrics:
@@ -46,11 +45,8 @@ class Case:
 
     def after(self, fix: str | None, spec: BlockSpec | None = None) -> Metrics:
         """The block's metrics with `fix` applied (None: unchanged)."""
-        ckpt = open_checkpoint(self.path)
-        try:
-            m = run_fixed(ckpt, spec or self.spec, fix, self.probe, self.settings)
-        finally:
-            ckpt.close()
+        m = run_fixed(open_checkpoint(self.path), spec or self.spec, fix, self.probe,
+                      self.settings)
         assert m is not None
         return m
 

@@ -44,28 +44,25 @@ def diagnose_one(path: Path, probe: Probe | None, opts: Options,
                  progress: Progress | None = None) -> Report:
     """Diagnose one checkpoint: detect blocks, run each, apply the rules."""
     ckpt = open_checkpoint(path)
-    try:
-        found = _detect(ckpt, opts)
-        probe = probe or synthetic(opts.seed)
-        probe.used = set()
-        from xattn_doctor.measure import RunSettings
-        from xattn_doctor.runtime import resolve
+    found = _detect(ckpt, opts)
+    probe = probe or synthetic(opts.seed)
+    probe.used = set()
+    from xattn_doctor.measure import RunSettings
+    from xattn_doctor.runtime import resolve
 
-        rt = resolve(opts.device, opts.dtype, ckpt.dtype)
-        settings = RunSettings(rt.device, rt.dtype, opts.budget_bytes, opts.seed)
-        blocks, findings, synthesized = [], [], []
-        ahead = rt.device.type == "cuda"
-        for i, (spec, tensors) in enumerate(blocks_with_tensors(ckpt, found.blocks, ahead)):
-            if progress:
-                progress(spec.name, i, len(found.blocks))
-            result, spec_findings, label = _run_block(ckpt, spec, tensors, probe, settings, opts)
-            blocks.append(result)
-            findings.extend(spec_findings)
-            if label != "probe":
-                synthesized.append(f"{spec.name}: {label}")
-        probe.check_fits(found.blocks)
-    finally:
-        ckpt.close()
+    rt = resolve(opts.device, opts.dtype, ckpt.dtype)
+    settings = RunSettings(rt.device, rt.dtype, opts.budget_bytes, opts.seed)
+    blocks, findings, synthesized = [], [], []
+    ahead = rt.device.type == "cuda"
+    for i, (spec, tensors) in enumerate(blocks_with_tensors(ckpt, found.blocks, ahead)):
+        if progress:
+            progress(spec.name, i, len(found.blocks))
+        result, spec_findings, label = _run_block(ckpt, spec, tensors, probe, settings, opts)
+        blocks.append(result)
+        findings.extend(spec_findings)
+        if label != "probe":
+            synthesized.append(f"{spec.name}: {label}")
+    probe.check_fits(found.blocks)
     return Report(
         tool_version=__version__,
         checkpoint=_info(ckpt, found),

@@ -76,9 +76,6 @@ class Checkpoint:
             out[role] = read_tensor(header, ref.key, ref.rows)
         return out
 
-    def close(self) -> None:
-        """Nothing stays open between reads; kept for symmetry with callers' `finally`."""
-
 
 def read_tensor(header: Header, key: str, rows: tuple[int, int] | None = None) -> Any:
     """One tensor (or rows [a, b) of it) of a validated shard, read from disk."""

@@ -79,19 +79,16 @@ def simulate(path: Path, probe: Probe, opts: Options,
     blocks = {b["name"]: b for b in report["blocks"]}
     thresholds = report.get("thresholds", {})
     ckpt = open_checkpoint(path)
-    try:
-        specs = _specs(ckpt, opts)
-        rt = resolve(opts.device, opts.dtype, ckpt.dtype)
-        settings = RunSettings(rt.device, rt.dtype, opts.budget_bytes, opts.seed)
-        out: list[Simulation] = []
-        for name, codes in sick.items():
-            for fix in to_simulate(codes) if name in specs else []:
-                after = run_fixed(ckpt, specs[name], fix, probe, settings)
-                if after is not None:
-                    out += [_record(code, name, fix, PLANS[code].metric, blocks[name], after,
-                                    thresholds) for code in codes if PLANS[code].metric]
-    finally:
-        ckpt.close()
+    specs = _specs(ckpt, opts)
+    rt = resolve(opts.device, opts.dtype, ckpt.dtype)
+    settings = RunSettings(rt.device, rt.dtype, opts.budget_bytes, opts.seed)
+    out: list[Simulation] = []
+    for name, codes in sick.items():
+        for fix in to_simulate(codes) if name in specs else []:
+            after = run_fixed(ckpt, specs[name], fix, probe, settings)
+            if after is not None:
+                out += [_record(code, name, fix, PLANS[code].metric, blocks[name], after,
+                                thresholds) for code in codes if PLANS[code].metric]
     return sorted(out, key=lambda s: (s.block, s.code, RANK[s.fix]))
 
 

@@ -30,7 +30,6 @@ def rebuild(path: Path, heads: int | None = None) -> tuple[Detection, dict[str, 
     for spec in det.blocks:
         tensors = ckpt.load(dict(spec.refs()))
         blocks[spec.name] = RebuiltBlock(spec, {k: v.float() for k, v in tensors.items()})
-    ckpt.close()
     return det, blocks
 
 

@@ -108,7 +108,8 @@ def _run_block(ckpt: Checkpoint, spec: BlockSpec, tensors: dict[str, Any], probe
     cast = {r: t.to(settings.device, settings.dtype) if t.is_floating_point() else t
             for r, t in tensors.items()}
     block = RebuiltBlock(spec, cast)
-    del tensors, cast
+    tensors.clear()  # the caller's loop still names this dict: drop the file-dtype copies now
+    del cast
     inputs = probe.inputs_for(spec, block.p("learned_queries"))
     metrics = measure(block, inputs, settings)
     result = BlockResult(

@@ -71,3 +71,22 @@ def test_capture_then_diagnose_matches_the_live_forward(tmp_path: Path) -> None:
     assert report.blocks[1].metrics.entropy_mean == __import__("pytest").approx(
         float(ent.mean()), abs=1e-4)
     assert report.blocks[1].metrics.scale_ratio_raw > 1.5  # the real features' scale shows
+
+
+def test_mask_conventions_become_one_keep_mask() -> None:
+    """Bool keep, 0/1 float, additive bias, torch's key_padding_mask and per-query masks."""
+    from xattn_doctor.capture import _mask
+
+    c = torch.zeros(2, 4, 8)
+    keep = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    bias = torch.where(keep, 0.0, -10000.0)
+    assert torch.equal(_mask({"encoder_attention_mask": keep}, c), keep)
+    assert torch.equal(_mask({"encoder_attention_mask": keep.float()}, c), keep)
+    assert torch.equal(_mask({"encoder_attention_mask": bias[:, None, :]}, c), keep)
+    assert torch.equal(_mask({"key_padding_mask": ~keep}, c), keep)
+    per_query = keep[:, None, :].expand(2, 3, 4).clone()
+    per_query[0, 1, 2] = True  # one query may see key 2: the key counts as valid
+    expected = keep.clone()
+    expected[0, 2] = True
+    assert torch.equal(_mask({"mask": per_query}, c), expected)
+    assert _mask({"encoder_attention_mask": torch.ones(2, 5, dtype=torch.bool)}, c) is None

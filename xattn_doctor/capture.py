@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from xattn_doctor.errors import ProbeError
 from xattn_doctor.layouts import all_layouts, detect
 from xattn_doctor.layouts._base import BlockSpec, KeyIndex, ModelConfig
+from xattn_doctor.layouts._hf_mask import keep_or_bias_mask
 from xattn_doctor.layouts._livepath import live_path
 
 QUERY_KWARGS = ("hidden_states", "x", "query", "text_features", "latents", "lang_x")
@@ -166,13 +167,11 @@ def _mask(kwargs: dict[str, Any], c: Tensor) -> Tensor | None:
         m = kwargs.get(name)
         if not isinstance(m, Tensor):
             continue
-        if name == "key_padding_mask":
+        if m.dim() < 2:
+            continue
+        if name == "key_padding_mask":  # torch's convention: True = ignore
             m = ~m.bool() if m.dtype == torch.bool else m == 0
-        elif m.is_floating_point() and bool((m < 0).any()):
-            m = m > -1.0  # additive mask: 0 keeps, a large negative hides
-        m = m.bool()
-        while m.dim() > 2:
-            m = m.any(dim=-2) if m.shape[-2] > 1 else m.squeeze(-2)
-        if tuple(m.shape) == tuple(c.shape[:2]):
-            return m
+        keep: Tensor = keep_or_bias_mask(m)
+        if tuple(keep.shape) == tuple(c.shape[:2]):
+            return keep
     return None

@@ -27,3 +27,14 @@ def key_mask(mask: Any) -> Any:
     while valid.dim() > 2:
         valid = valid.any(dim=1)
     return valid
+
+
+def keep_or_bias_mask(mask: Any) -> Any:
+    """A [B, Lk] bool mask from a user-style mask of rank >= 2: a keep mask (bool or 0/1), or an
+    additive bias (0 keeps, a large negative value drops). Extra middle dimensions (per query or
+    per head) are reduced: a key is valid when any query may attend to it."""
+    if mask.dtype.is_floating_point and bool((mask < 0).any()):
+        keep = mask > -1.0
+    else:
+        keep = mask.bool()
+    return keep.reshape(keep.shape[0], -1, keep.shape[-1]).any(1)

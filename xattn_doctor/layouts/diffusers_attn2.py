@@ -37,6 +37,7 @@ from xattn_doctor.layouts._base import (
     parent,
     resolve_heads,
 )
+from xattn_doctor.layouts._hf_mask import keep_or_bias_mask
 
 UNET_BLOCK = re.compile(r"(?:^|\.)(down_blocks|up_blocks)\.(\d+)\.|(?:^|\.)mid_block\.")
 LAYER_EPS = 1e-5  # nn.LayerNorm default; Attention's eps for norm_cross and qk-norms
@@ -115,17 +116,9 @@ class DiffusersAttn2:
             out["hidden_states"] = x
         mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
         if mask is not None:
-            out["encoder_attention_mask"] = key_mask(mask)
+            # the UNet and PixArt turn a keep mask into a (1 - m) * -10000 bias
+            out["encoder_attention_mask"] = keep_or_bias_mask(mask)
         return out
-
-
-def key_mask(mask: Any) -> Any:
-    """[B, Lk] bool from a diffusers mask: boolean/0-1 keep mask, or additive bias (0 = keep)."""
-    if mask.dtype.is_floating_point and bool((mask < 0).any()):
-        keep = mask > -1.0  # the UNet and PixArt turn masks into a (1 - m) * -10000 bias
-    else:
-        keep = mask.bool()
-    return keep.reshape(keep.shape[0], -1, keep.shape[-1]).any(1)
 
 
 def _shape(index: KeyIndex, lin: Linear) -> tuple[int, int]:

@@ -264,3 +264,74 @@ def test_prefetch_yields_every_block_in_order_with_its_tensors() -> None:
         assert [s.name for s, _ in got] == [s.name for s in specs]
         for spec, tensors in got:
             assert set(tensors) == {role for role, _ in spec.refs()}
+
+
+def test_subsampled_backward_matches_autograd_on_those_queries(case) -> None:  # type: ignore[no-untyped-def]
+    """A budget too small for every query: the backward runs on a seeded subsample, and its
+    gradients are torch's for the proxy loss over exactly those queries."""
+    mha, x, c, mask = case
+    block = build(mha)
+    m = metrics_of(block, x, c, mask, budget=2 * 4 * 11 * 4 * 8 * 3)  # 3 of 6 queries fit
+    assert m.backward_queries == 3
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randperm(x.shape[1], generator=gen)[:3].sort().values
+    mha.zero_grad()
+    xr, cr = x.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    out, _ = mha(xr[:, idx], cr, cr, key_padding_mask=~mask, need_weights=False)
+    cot = torch.randn(out.shape, generator=gen)
+    ((out * cot).sum() / (out.shape[0] * out.shape[1])).backward()
+    total = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in mha.parameters() if p.grad is not None))
+    assert m.grad_norm == pytest.approx(total, rel=TOL)
+    assert m.input_grad_norms["hidden_states"] == pytest.approx(float(xr.grad.norm()), rel=TOL)
+    assert m.input_grad_norms["encoder_hidden_states"] == pytest.approx(float(cr.grad.norm()), rel=TOL)
+    full = metrics_of(build(mha), x, c, mask)  # the statistics still see every query
+    assert m.entropy_mean == pytest.approx(full.entropy_mean, abs=1e-6)
+    assert m.max_logit == pytest.approx(full.max_logit, abs=1e-6)
+
+
+@pytest.mark.parametrize("values", [
+    [1.0, -2.0, 3.0],
+    [1.0, math.nan, 3.0],
+    [math.inf, -math.inf, 0.0],
+    [math.inf, 1.0, math.nan],
+    [3e38, 3e38, 3e38],  # finite, but their sum overflows: the exact count decides
+], ids=["clean", "nan", "both_infs", "inf_nan", "sum_overflows"])
+def test_nonfinite_and_absmax_fast_paths_equal_elementwise(values: list[float]) -> None:
+    from xattn_doctor.measure import _absmax, _nonfinite
+
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        t = torch.tensor(values, dtype=torch.float64).to(dtype).reshape(1, -1)
+        assert _nonfinite(t) == int((~torch.isfinite(t)).sum())
+        finite = t[torch.isfinite(t)].double().abs()
+        assert _absmax(t) == (float(finite.max()) if finite.numel() else 0.0)
+    assert _nonfinite(torch.tensor([1, 2])) == 0
+
+
+def test_chunked_stats_skip_and_count_nonfinite_logits() -> None:
+    """A NaN and an inf logit: counted, and the statistics are those of the finite valid
+    logits, chunked or not (the cheap all-finite path must not see them)."""
+    torch.manual_seed(3)
+    lg = torch.randn(1, 2, 9, 13) * 4
+    lg[0, 0, 2, 5] = math.nan
+    lg[0, 1, 7, 11] = math.inf
+    valid = torch.ones(1, 13, dtype=torch.bool)
+    valid[0, 12] = False
+    keys = torch.arange(13.0).reshape(1, 1, 13, 1).expand(1, 2, 13, 1)  # "keys" = columns
+    logits = lambda a, b: a[..., b[0, 0, :, 0].long()]  # a chunk's logits are lg's columns
+    from xattn_doctor import stats
+
+    good = torch.isfinite(lg) & valid[:, None, None, :]
+    p = lg.masked_fill(~good, -math.inf).softmax(-1)
+    ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).mean(dim=(0, 2))
+    old = stats.chunk_sizes
+    for sizes in (None, (4, 5)):
+        if sizes:
+            stats.chunk_sizes = lambda b, h, lq, lk, budget, s=sizes: s
+        try:
+            s = attention_stats(lg, keys, logits, valid)
+        finally:
+            stats.chunk_sizes = old
+        assert s.nonfinite_logits == 2
+        assert s.head_entropy == pytest.approx(ent.tolist(), abs=1e-5)
+        assert s.max_logit == pytest.approx(float(lg[good].max()), abs=1e-6)
+        assert s.max_weight == pytest.approx(float(p.max()), abs=1e-6)

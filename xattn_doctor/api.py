@@ -31,7 +31,11 @@ def diagnose(paths: Sequence[str | Path], probe: str | Path | None = None,
     """Diagnose each checkpoint in turn with one probe; returns one Report per checkpoint."""
     opts = options or Options()
     loaded = load_probe(Path(probe), opts.seed) if probe is not None else None
-    reports = [diagnose_one(Path(p), loaded, opts, progress) for p in paths]
+    gc.freeze()  # what exists now outlives the run: each block's gc.collect() skips it
+    try:
+        reports = [diagnose_one(Path(p), loaded, opts, progress) for p in paths]
+    finally:
+        gc.unfreeze()
     if len(reports) > 1:
         from xattn_doctor.trend import trend_findings
 

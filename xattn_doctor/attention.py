@@ -64,26 +64,36 @@ class RebuiltBlock(nn.Module):
 
     def project(self, x_in: Tensor, c_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B,H,Lq,d], k and v [B,H,Lk',d] (GQA-expanded, qk-normed, bias_k/v appended)."""
+        return (self.project_q(x_in), *self.project_kv(x_in, c_in))
+
+    def project_q(self, x_in: Tensor) -> Tensor:
+        """q [B,H,Lq,d]: one row per query, so a subsample of x_in gives those queries' rows."""
+        s = self.spec
+        q = self._linear(x_in, "q")
+        if not s.qk_norm_per_head:
+            q = self._norm(q, s.q_norm, "q_norm")
+        q = q.reshape(*q.shape[:-1], s.heads, s.head_dim).transpose(1, 2)
+        return self._norm(q, s.q_norm, "q_norm") if s.qk_norm_per_head else q
+
+    def project_kv(self, x_in: Tensor, c_in: Tensor) -> tuple[Tensor, Tensor]:
+        """k and v [B,H,Lk',d] (GQA-expanded, k-normed, bias_k/v appended)."""
         s = self.spec
         kv_in = torch.cat([c_in, x_in], dim=-2) if s.kv_includes_queries else c_in
-        q, k, v = self._linear(x_in, "q"), self._linear(kv_in, "k"), self._linear(kv_in, "v")
+        k, v = self._linear(kv_in, "k"), self._linear(kv_in, "v")
         bk, bv = self.p("bias_k"), self.p("bias_v")
         if bk is not None and bv is not None:
             k = torch.cat([k, bk.reshape(1, 1, -1).expand(k.shape[0], 1, -1)], dim=1)
             v = torch.cat([v, bv.reshape(1, 1, -1).expand(v.shape[0], 1, -1)], dim=1)
         if not s.qk_norm_per_head:
-            q = self._norm(q, s.q_norm, "q_norm")
             k = self._norm(k, s.k_norm, "k_norm")
-        q = q.reshape(*q.shape[:-1], s.heads, s.head_dim).transpose(1, 2)
         k = k.reshape(*k.shape[:-1], s.kv_heads, s.head_dim).transpose(1, 2)
         v = v.reshape(*v.shape[:-1], s.kv_heads, s.v_head_dim or s.head_dim).transpose(1, 2)
         if s.qk_norm_per_head:
-            q = self._norm(q, s.q_norm, "q_norm")
             k = self._norm(k, s.k_norm, "k_norm")
         if s.kv_heads != s.heads:
             rep = s.heads // s.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return q, k, v
+        return k, v
 
     def logit_scale(self) -> Tensor | float:
         """scale / clamp(temperature): the factor between q.k and the logit."""
@@ -94,8 +104,8 @@ class RebuiltBlock(nn.Module):
 
     def logits(self, q: Tensor, k: Tensor) -> Tensor:
         """Scaled (and soft-capped) scores, in q's dtype: [B,H,Lq,Lk]."""
-        scale = self.logit_scale()
-        out = (q @ k.transpose(-1, -2)) * (scale.to(q.dtype) if isinstance(scale, Tensor) else scale)
+        scale = self.logit_scale()  # applied to q: Lq x d products, not Lq x Lk
+        out = (q * (scale.to(q.dtype) if isinstance(scale, Tensor) else scale)) @ k.transpose(-1, -2)
         if self.spec.softcap:
             out = self.spec.softcap * torch.tanh(out / self.spec.softcap)
         return out

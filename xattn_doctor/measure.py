@@ -37,16 +37,18 @@ class RunSettings:
 def measure(block: RebuiltBlock, inputs: BlockInputs, run: RunSettings) -> Metrics:
     """All metrics of one block (the block must already be on run.device in run.dtype).
 
-    One forward through the projections serves both the statistics (detached, chunked) and
-    the backward pass (on all or a subsample of the queries).
+    One forward through the key/value projections serves both the statistics (detached,
+    chunked, every query) and the backward pass (all queries, or a subsample whose query
+    rows alone are projected again with gradients).
     """
     x = inputs.x.to(run.device, run.dtype)
     c = inputs.c.to(run.device, run.dtype)
     mask = inputs.mask.to(run.device) if inputs.mask is not None else None
     m = Metrics()
     params = block.role_parameters()
-    m.weight_norms = {r: float(p.detach().float().norm()) for r, p in params.items()}
-    m.nonfinite = {f"weight:{r}": n for r, p in params.items() if (n := _nonfinite(p))}
+    m.weight_norms = {r: _norm(p) for r, p in params.items()}
+    m.nonfinite = {f"weight:{r}": n for r, p in params.items()
+                   if not math.isfinite(m.weight_norms[r]) and (n := _nonfinite(p))}
     m.nonfinite.update({f"input:{n}": bad for n, t in (("hidden_states", x), ("context", c))
                         if (bad := _nonfinite(t))})
     learned = block.p("learned_queries")
@@ -58,12 +60,33 @@ def measure(block: RebuiltBlock, inputs: BlockInputs, run: RunSettings) -> Metri
     block.zero_grad(set_to_none=True)
     block.train(False)
     x_in, c_in = block.inputs(x, c)
-    q, k, v = block.project(x_in, c_in)
+    k, v = block.project_kv(x_in, c_in)
     valid = key_mask(mask, k.shape[-2], block.spec)
+    idx = _query_subsample(block, x.shape[0], x.shape[1], k.shape[-2], run)
+    if idx is None:
+        q = q_all = block.project_q(x_in)
+    else:
+        with torch.no_grad():
+            q_all = block.project_q(x_in)
+        q = block.project_q(x_in.index_select(1, idx))
     with torch.no_grad():
-        _forward_stats(block, x.detach(), c.detach(), mask, (x_in, c_in, q, k, v), valid, run, m)
-    _backward(block, x, c, (q, k, v), valid, run, m)
+        _forward_stats(block, x.detach(), c.detach(), mask,
+                       (x_in, c_in, q_all, k, v), valid, run, m)
+    del q_all
+    _backward(block, (x, c), idx, (q, k, v), valid, run, m)
     return m
+
+
+def _query_subsample(block: RebuiltBlock, b: int, lq: int, lk: int,
+                     run: RunSettings) -> Tensor | None:
+    """The sorted seeded query indices the backward runs on, or None for all of them: as
+    many as keep its float32 score tiles and their gradients within the budget."""
+    per_query = b * block.spec.heads * lk * 4 * 8
+    keep = max(1, min(lq, run.budget // max(per_query, 1)))
+    if keep >= lq:
+        return None
+    gen = torch.Generator().manual_seed(run.seed % 2**64)  # torch takes a uint64; any --seed
+    return torch.randperm(lq, generator=gen)[:keep].sort().values.to(run.device)
 
 
 Projected = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -72,15 +95,13 @@ Projected = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 def _forward_stats(block: RebuiltBlock, x: Tensor, c: Tensor, mask: Tensor | None,
                    proj: Projected, valid: Tensor | None, run: RunSettings, m: Metrics) -> None:
     x_in, c_in, q, k, v = (t.detach() for t in proj)
-    valid_c = mask if mask is not None else torch.ones(c.shape[:2], dtype=torch.bool,
-                                                       device=c.device)
     m.query_rms = _rms(x_in)
-    m.context_rms = _rms(c_in[valid_c]) if bool(valid_c.any()) else math.nan
+    m.context_rms = _rms_of_rows(c_in, mask)
     m.scale_ratio = m.context_rms / m.query_rms if m.query_rms else math.inf
-    raw_q, raw_c = _rms(x), _rms(c[valid_c]) if bool(valid_c.any()) else math.nan
+    raw_q, raw_c = _rms(x), _rms_of_rows(c, mask)
     m.scale_ratio_raw = raw_c / raw_q if raw_q else math.inf
     m.max_abs_activation = max(_absmax(t) for t in (x_in, c_in, q, k, v))
-    st = attention_stats(q, k, block.logits, valid, run.budget)
+    st = attention_stats(q, k.contiguous(), block.logits, valid, run.budget)  # one copy, faster tiles
     m.max_logit = st.max_logit
     m.head_entropy, m.head_entropy_norm = st.head_entropy, st.head_entropy_norm
     m.entropy_mean = _mean(st.head_entropy)
@@ -105,19 +126,17 @@ def _forward_stats(block: RebuiltBlock, x: Tensor, c: Tensor, mask: Tensor | Non
     m.spectral_max_logit, m.spectral_bound_source = sb.max_logit, sb.source
 
 
-def _backward(block: RebuiltBlock, x: Tensor, c: Tensor, qkv: tuple[Tensor, Tensor, Tensor],
-              valid: Tensor | None, run: RunSettings, m: Metrics) -> None:
+def _backward(block: RebuiltBlock, xc: tuple[Tensor, Tensor], idx: Tensor | None,
+              qkv: tuple[Tensor, Tensor, Tensor], valid: Tensor | None, run: RunSettings,
+              m: Metrics) -> None:
+    x, c = xc
     q, k, v = qkv
-    b, lq = x.shape[:2]
-    per_query = b * block.spec.heads * k.shape[-2] * 4 * 8
-    keep = max(1, min(lq, run.budget // max(per_query, 1)))
-    gen = torch.Generator().manual_seed(run.seed % 2**64)  # torch takes a uint64; any --seed
-    xs = x
-    if keep < lq:
-        idx = torch.randperm(lq, generator=gen)[:keep].sort().values.to(x.device)
-        xs, q = x.index_select(1, idx), q.index_select(2, idx)
+    xs = x if idx is None else x.index_select(1, idx)
     m.backward_queries = xs.shape[1]
     y = block.finish(xs, block.attend(q, k, v, valid))
+    gen = torch.Generator().manual_seed(run.seed % 2**64)
+    if idx is not None:  # the same stream position as when it drew the subsample
+        torch.randperm(x.shape[1], generator=gen)
     cot = torch.randn(y.shape, generator=gen).to(y.device)
     loss = (y.float() * cot).sum() / (y.shape[0] * y.shape[1])
     torch.autograd.backward(loss)
@@ -126,35 +145,56 @@ def _backward(block: RebuiltBlock, x: Tensor, c: Tensor, qkv: tuple[Tensor, Tens
     if (n := _nonfinite(y.detach())):
         m.nonfinite["output"] = n
     grads = {r: p.grad for r, p in block.role_parameters().items() if p.grad is not None}
-    m.grad_norms = {r: float(g.float().norm()) for r, g in grads.items()}
+    m.grad_norms = {r: _norm(g) for r, g in grads.items()}
     m.grad_norm = math.sqrt(sum(v * v for v in m.grad_norms.values()))
-    m.input_grad_norms = {n: float(t.grad.float().norm()) for n, t in
+    m.input_grad_norms = {n: _norm(t.grad) for n, t in
                           (("hidden_states", x), ("encoder_hidden_states", c))
                           if t.is_leaf and t.grad is not None}
-    path = [g for r, g in grads.items() if r.startswith(ATTENTION_PATH)]
-    m.zero_grad = bool(path) and all(bool((g == 0).all()) for g in path)
+    path = [r for r in grads if r.startswith(ATTENTION_PATH)]
+    # a norm of 0 is necessary for an all-zero gradient; only then look at every element
+    m.zero_grad = bool(path) and all(m.grad_norms[r] == 0.0 and bool((grads[r] == 0).all())
+                                     for r in path)
     for r, g in grads.items():
-        if (n := _nonfinite(g)):
+        if not math.isfinite(m.grad_norms[r]) and (n := _nonfinite(g)):
             m.nonfinite[f"grad:{r}"] = n
     block.zero_grad(set_to_none=True)
 
 
+def _norm(t: Tensor) -> float:
+    """The L2 norm in float32 without a float32 copy of the tensor."""
+    return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float32))
+
+
 def _nonfinite(t: Tensor) -> int:
-    return int((~torch.isfinite(t.detach())).sum()) if t.is_floating_point() else 0
+    """How many NaN/inf elements; one reduction when there are none (their sum is finite)."""
+    t = t.detach()
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return 0
+    return int((~torch.isfinite(t)).sum())
 
 
 def _absmax(t: Tensor) -> float:
-    """Largest finite |value| (no boolean indexing: its index tensor is 8 bytes an element)."""
+    """Largest finite |value|: from min and max when both are finite, else elementwise
+    (no boolean indexing: its index tensor is 8 bytes an element)."""
     t = t.detach()
     if not t.numel():
         return 0.0
+    lo, hi = (float(v) for v in torch.aminmax(t))
+    if math.isfinite(lo) and math.isfinite(hi):
+        return max(-lo, hi)
     return float(torch.where(torch.isfinite(t), t.abs(), torch.zeros((), dtype=t.dtype,
                                                                      device=t.device)).amax())
 
 
 def _rms(t: Tensor) -> float:
-    t = t.detach().float()
-    return float(t.pow(2).mean().sqrt()) if t.numel() else math.nan
+    return _norm(t) / math.sqrt(t.numel()) if t.numel() else math.nan
+
+
+def _rms_of_rows(t: Tensor, keep: Tensor | None) -> float:
+    """RMS over the kept rows of t [B, L, D] (keep [B, L]); NaN when none is kept."""
+    if keep is None or bool(keep.all()):
+        return _rms(t)
+    return _rms(t[keep]) if bool(keep.any()) else math.nan
 
 
 def _mean(v: list[float]) -> float:

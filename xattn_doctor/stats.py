@@ -45,15 +45,20 @@ def chunk_sizes(batch: int, heads: int, lq: int, lk: int, budget: int) -> tuple[
 
 def attention_stats(q: Tensor, k: Tensor, logits: Callable[[Tensor, Tensor], Tensor],
                     valid: Tensor | None, budget: int = DEFAULT_BUDGET) -> AttentionStats:
-    """Statistics of softmax(logits(q, k)) over valid keys; q [B,H,Lq,d], k [B,H,Lk,d]."""
+    """Statistics of softmax(logits(q, k)) over valid keys; q [B,H,Lq,d], k [B,H,Lk,d].
+
+    `logits` must return a new tensor: its float32 result is reused in place.
+    """
     b, h, lq, _ = q.shape
     lk = k.shape[-2]
     if valid is None:
         valid = torch.ones(b, lk, dtype=torch.bool, device=q.device)
     qc, kc = chunk_sizes(b, h, lq, lk, budget)
+    buf = torch.empty(b * h * min(qc, lq) * kc, dtype=torch.float32, device=q.device)
+    sweep = _Sweep(k, logits, valid, kc, buf)
     ent, maxw, arg, maxl, bad = [], [], [], [], 0
     for q0 in range(0, lq, qc):
-        e, w, a, ml, nb = _sweep(q[:, :, q0:q0 + qc], k, logits, valid, kc)
+        e, w, a, ml, nb = sweep(q[:, :, q0:q0 + qc])
         ent.append(e)
         maxw.append(w)
         arg.append(a)
@@ -63,39 +68,58 @@ def attention_stats(q: Tensor, k: Tensor, logits: Callable[[Tensor, Tensor], Ten
                       max(maxl), bad, valid)
 
 
-def _sweep(q: Tensor, k: Tensor, logits: Callable[[Tensor, Tensor], Tensor], valid: Tensor,
-           kc: int) -> tuple[Tensor, Tensor, Tensor, float, int]:
-    b, h, n, _ = q.shape
-    dev = q.device
-    m = torch.full((b, h, n), -math.inf, device=dev)
-    s = torch.zeros(b, h, n, device=dev)
-    t = torch.zeros(b, h, n, device=dev)
-    idx = torch.zeros(b, h, n, dtype=torch.long, device=dev)
-    bad = 0
-    for k0 in range(0, k.shape[-2], kc):
-        ok = valid[:, None, None, k0:k0 + kc]
-        raw = logits(q, k[:, :, k0:k0 + kc]).float()
+# exp(d) is exactly 0 in float32 for every d below this, so clamping there changes no sum,
+# and it turns the -inf of masked keys into a finite number whose product with 0 is 0.
+UNDERFLOW = -200.0
+
+
+class _Sweep:
+    """One pass over the keys for a chunk of queries, reusing one exp(.) buffer throughout
+    (fresh multi-MB tensors cost a page fault per 4 KiB, more than the arithmetic on them)."""
+
+    def __init__(self, k: Tensor, logits: Callable[[Tensor, Tensor], Tensor], valid: Tensor,
+                 kc: int, buf: Tensor) -> None:
+        self.k, self.logits, self.valid, self.kc, self.buf = k, logits, valid, kc, buf
+        self.all_valid = bool(valid.all())
+
+    def __call__(self, q: Tensor) -> tuple[Tensor, Tensor, Tensor, float, int]:
+        b, h, n, _ = q.shape
+        dev = q.device
+        m = torch.full((b, h, n), -math.inf, device=dev)
+        s = torch.zeros(b, h, n, device=dev)
+        t = torch.zeros(b, h, n, device=dev)
+        idx = torch.zeros(b, h, n, dtype=torch.long, device=dev)
+        bad = 0
+        for k0 in range(0, self.k.shape[-2], self.kc):
+            lg, nb = self._chunk_logits(q, k0)
+            bad += nb
+            cm, ci = lg.max(-1)
+            m_new = torch.maximum(m, cm)
+            idx = torch.where(cm > m, ci + k0, idx)
+            base = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+            shift = torch.where(s > 0, m - base, torch.zeros_like(m))
+            decay = torch.exp(shift) * (s > 0)
+            d = lg.sub_(base[..., None]).clamp_(min=UNDERFLOW)
+            ex = torch.exp(d, out=self.buf[:d.numel()].view(d.shape))
+            t = decay * (t + shift * s) + torch.einsum("...k,...k->...", ex, d)
+            s = decay * s + ex.sum(-1)
+            m = m_new
+        has = s > 0
+        safe_s = torch.where(has, s, torch.ones_like(s))
+        ent = torch.where(has, torch.log(safe_s) - t / safe_s, torch.full_like(s, math.nan))
+        maxw = torch.where(has, 1.0 / safe_s, torch.full_like(s, math.nan))
+        top = m[has].max().item() if bool(has.any()) else math.nan
+        return ent, maxw, idx, top, bad
+
+    def _chunk_logits(self, q: Tensor, k0: int) -> tuple[Tensor, int]:
+        """float32 logits of one key chunk, -inf where masked or not finite; and how many
+        valid ones were not finite (counted only when their sum says there are any)."""
+        ok = self.valid[:, None, None, k0:k0 + self.kc]
+        raw = self.logits(q, self.k[:, :, k0:k0 + self.kc]).float()
+        if bool(torch.isfinite(raw.sum())):  # no NaN or inf anywhere: the cheap path
+            return (raw if self.all_valid else raw.masked_fill_(~ok, -math.inf)), 0
         finite = torch.isfinite(raw)
-        bad += int((~finite & ok).sum())
-        lg = raw.masked_fill(~(finite & ok), -math.inf)
-        cm, ci = lg.max(-1)
-        m_new = torch.maximum(m, cm)
-        idx = torch.where(cm > m, ci + k0, idx)
-        base = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        shift = torch.where(s > 0, m - base, torch.zeros_like(m))
-        decay = torch.exp(shift) * (s > 0)
-        d = lg - base[..., None]
-        ex = torch.exp(d)
-        tail = torch.where(ex > 0, ex * d, torch.zeros_like(d)).sum(-1)
-        t = decay * (t + shift * s) + tail
-        s = decay * s + ex.sum(-1)
-        m = m_new
-    has = s > 0
-    safe_s = torch.where(has, s, torch.ones_like(s))
-    ent = torch.where(has, torch.log(safe_s) - t / safe_s, torch.full_like(s, math.nan))
-    maxw = torch.where(has, 1.0 / safe_s, torch.full_like(s, math.nan))
-    top = m[has].max().item() if bool(has.any()) else math.nan
-    return ent, maxw, idx, top, bad
+        return raw.masked_fill_(~(finite & ok), -math.inf), int((~finite & ok).sum())
 
 
 def _summarise(ent: Tensor, maxw: Tensor, arg: Tensor, max_logit: float, bad: int,

@@ -335,3 +335,28 @@ def test_chunked_stats_skip_and_count_nonfinite_logits() -> None:
         assert s.head_entropy == pytest.approx(ent.tolist(), abs=1e-5)
         assert s.max_logit == pytest.approx(float(lg[good].max()), abs=1e-6)
         assert s.max_weight == pytest.approx(float(p.max()), abs=1e-6)
+
+
+def test_probe_finds_per_block_keys_under_an_alias_only_when_unambiguous() -> None:
+    from dataclasses import replace
+
+    from xattn_doctor.probe import Probe
+
+    sd = {"a.cross_attn.in_proj_weight": torch.randn(24, 8),
+          "a.cross_attn.out_proj.weight": torch.randn(8, 8)}
+    spec = detect(KeyIndex({k: tuple(v.shape) for k, v in sd.items()}),
+                  ModelConfig({"num_attention_heads": 2})).blocks[0]
+    glob, mine, other = (torch.full((1, 3, 8), v) for v in (0.0, 1.0, 2.0))
+    ctx = torch.zeros(1, 4, 8)
+
+    def source(tensors: dict[str, torch.Tensor], aliases: tuple[str, ...]) -> float:
+        probe = Probe("file", None, {"hidden_states": glob, "encoder_hidden_states": ctx,
+                                     **tensors}, 0)
+        return float(probe.inputs_for(replace(spec, aliases=aliases), None).x[0, 0, 0])
+
+    assert source({"live.3.xattn.hidden_states": mine}, ("live.*.xattn",)) == 1.0
+    assert source({"live.3.xattn.hidden_states": mine}, ()) == 0.0  # no alias: the global one
+    assert source({f"{spec.name}.hidden_states": other, "live.3.xattn.hidden_states": mine},
+                  ("live.*.xattn",)) == 2.0  # its own name first
+    assert source({"l.1.xattn.hidden_states": mine, "l.2.xattn.hidden_states": other},
+                  ("l.*.xattn",)) == 0.0  # two matches: neither is taken

@@ -7,6 +7,7 @@ queries are learned parameters uses them when the probe has no queries of its wi
 
 from __future__ import annotations
 
+import fnmatch
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,9 +78,21 @@ class Probe:
         mask = self._mask(spec, c) if cs.startswith("probe") else None
         return BlockInputs(x, c, mask, xs, cs)
 
+    def _own_key(self, spec: BlockSpec, key: str) -> str:
+        """The probe's per-block name for `key`: under the block's name, else the one name
+        that one of its aliases matches."""
+        own = f"{spec.name}.{key}"
+        if own in self.tensors or not spec.aliases:
+            return own
+        for alias in spec.aliases:
+            hits = [n for n in self.tensors if fnmatch.fnmatchcase(n, f"{alias}.{key}")]
+            if len(hits) == 1:
+                return hits[0]
+        return own
+
     def _stream(self, spec: BlockSpec, key: str, width: int,
                 own_only: bool = False) -> tuple[Tensor | None, str]:
-        own = f"{spec.name}.{key}"
+        own = self._own_key(spec, key)
         if own in self.tensors:
             t = self.tensors[own]
             if t.shape[-1] != width:
@@ -94,7 +107,7 @@ class Probe:
         return None, ""
 
     def _mask(self, spec: BlockSpec, c: Tensor) -> Tensor | None:
-        for key in (f"{spec.name}.encoder_attention_mask", "encoder_attention_mask"):
+        for key in (self._own_key(spec, "encoder_attention_mask"), "encoder_attention_mask"):
             m = self.tensors.get(key)
             if m is not None and tuple(m.shape) == tuple(c.shape[:2]):
                 return m.bool()

@@ -293,3 +293,28 @@ def test_capture_probe_then_diagnose(model: Any, official: Path, tmp_path: Path)
         assert block.metrics.max_attention_weight == pytest.approx(float(lib.max()), abs=1e-4)
     first = report.blocks[len(GATED)].metrics  # resampler layer 0: latents over media + latents
     assert first.entropy_mean == pytest.approx(float(entropy(seen[0][:, :, 0]).mean()), abs=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the library passes past_key_values
+def test_capture_probe_fits_a_checkpoint_saved_under_the_other_name(model: Any,
+                                                                      tmp_path: Path) -> None:
+    """A deduplicating save keeps `gated_cross_attn_layers.N`; a probe captured from the live
+    model names the block `model.layers.N.gated_cross_attn_layer`. The block's alias joins
+    them, so each block still runs on its own captured inputs."""
+    capture = pytest.importorskip("xattn_doctor.capture", reason="capture_probe not available")
+    from xattn_doctor.api import diagnose
+
+    save_model(model, str(tmp_path / "model.safetensors"))
+    torch.manual_seed(7)
+    ids = torch.randint(3, 50, (2, 6))
+    ids[:, 0] = 2
+    with recorded_einsum(OF.helpers, _attention_of) as seen:
+        probe = capture.capture_probe(model, (torch.randn(2, 1, 1, VIS, 2, 2), ids),
+                                      tmp_path / "probe.safetensors")
+    assert any(k.startswith(GATED[1] + ".") for k in load_file(str(probe)))
+    (report,) = diagnose([tmp_path / "model.safetensors"], probe=probe)
+    assert [b.name for b in report.blocks] == MIRRORS + RESAMPLER
+    assert [b.inputs for b in report.blocks] == ["probe"] * len(MIRRORS + RESAMPLER)
+    for i, block in enumerate(report.blocks[: len(MIRRORS)]):
+        lib = seen[DEPTH + i]
+        assert block.metrics.entropy_mean == pytest.approx(float(entropy(lib).mean()), abs=1e-4)

@@ -102,6 +102,9 @@ class BlockSpec:
     heads_source: HeadsSource = "weights"
     notes: tuple[str, ...] = ()
     extra_keys: tuple[str, ...] = field(default=())
+    # Other module paths of this block (fnmatch patterns): a probe captured from the live
+    # model under one of them still gives the block its own inputs.
+    aliases: tuple[str, ...] = ()
 
     @property
     def softmax_scale(self) -> float:

@@ -65,6 +65,17 @@ def _primary_of(mirror: str, modules: list[str]) -> str | None:
                  and not MIRROR.match(m)), None)
 
 
+def _mirror_only(spec: BlockSpec) -> BlockSpec:
+    """A block saved under one name only. Under `gated_cross_attn_layers.N` it is also the
+    live `<decoder layers>.N.gated_cross_attn_layer`, which a captured probe names: alias it."""
+    found = MIRROR.match(spec.name)
+    if found is None:
+        return replace(spec, notes=spec.notes + (HEADS_NOTE,))
+    root, n = found.group("root"), found.group("n")
+    live = f"{root + '.' if root else ''}*.{n}.gated_cross_attn_layer"
+    return replace(spec, aliases=(live,), notes=spec.notes + (HEADS_NOTE,))
+
+
 @register
 class OpenFlamingo:
     """OpenFlamingo's gated cross-attention blocks (both key names) and Perceiver resampler."""
@@ -85,7 +96,8 @@ class OpenFlamingo:
         for m, spec in specs.items():
             if spec is None or m in mirrors.values():
                 continue
-            found.append(self._with_mirror(spec, specs.get(mirrors.get(m, ""))))
+            mirror = specs.get(mirrors.get(m, ""))
+            found.append(self._with_mirror(spec, mirror) if mirror else _mirror_only(spec))
         if found:
             found += [replace(s, notes=s.notes + (HEADS_NOTE,)) for s in (
                 resampler_attention(index, r, self.name, _heads)
@@ -93,13 +105,12 @@ class OpenFlamingo:
         return found
 
     @staticmethod
-    def _with_mirror(spec: BlockSpec, mirror: BlockSpec | None) -> BlockSpec:
-        notes = spec.notes + (HEADS_NOTE,)
-        if mirror is None:
-            return replace(spec, notes=notes)
+    def _with_mirror(spec: BlockSpec, mirror: BlockSpec) -> BlockSpec:
         return replace(spec, extra_keys=spec.extra_keys + tuple(sorted(mirror.keys())),
-                       notes=notes + ((f"Also saved as {mirror.name} (the same module under "
-                                       "FlamingoLMMixin's second name); read from here."),))
+                       aliases=(mirror.name,),
+                       notes=spec.notes + (HEADS_NOTE, f"Also saved as {mirror.name} (the same "
+                                           "module under FlamingoLMMixin's second name); read "
+                                           "from here."))
 
     def capture(self, spec: BlockSpec, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> dict[str, Any] | None:

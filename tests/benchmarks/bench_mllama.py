@@ -324,6 +324,33 @@ def child_measure_b(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gemm_rate(torch) -> float:  # type: ignore[no-untyped-def]
+    """This CPU's float32 matmul rate (GFLOP/s) on a k/v-projection-sized product."""
+    a, w = torch.randn(1601, 2048), torch.randn(2048, 1024)
+    for _ in range(2):
+        a @ w
+    t0, n = time.perf_counter(), 8
+    for _ in range(n):
+        a @ w
+    return 2 * 1601 * 2048 * 1024 * n / (time.perf_counter() - t0) / 1e9
+
+
+def c_matmul_gflop(g: dict, budget: int = 64 * MB) -> float:
+    """The matmul work of (c), GFLOP: per cross-attention block, the q/k/v projections and
+    scores of every query (statistics), then the forward and backward of the proxy loss on the
+    budget-sized query subsample (as xattn_doctor.measure sizes it), whose k/v side (weight
+    and context gradients) covers every key."""
+    d, h, kvh, lq, lk = g["hidden"], g["heads"], g["kv_heads"], g["text_tokens"], g["image_tokens"]
+    hd = d // h
+    keep = max(1, min(lq, budget // (h * lk * 4 * 8)))
+    kv = 2 * 2 * lk * d * kvh * hd                      # k and v projections
+    stats = 2 * lq * d * d + kv + 2 * h * lq * lk * hd  # q, k, v, scores: every query
+    sub_q = 2 * keep * d * d if keep < lq else 0        # q again for the subsample
+    fwd = sub_q + 2 * 2 * h * keep * lk * hd + 2 * keep * d * d  # scores, p.v, o
+    bwd = 2 * kv + 2 * (2 * 2 * h * keep * lk * hd) + 2 * (2 * keep * d * d) * 2  # k/v, attn, o, q
+    return len(g["cross_layers"]) * (stats + fwd + bwd) / 1e9
+
+
 def child_info(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     info = {}
@@ -336,6 +363,7 @@ def child_info(args: argparse.Namespace) -> int:
         import torch
 
         info["torch_threads"] = torch.get_num_threads()
+        info["gemm_fp32_gflops"] = _gemm_rate(torch)
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         if torch.cuda.is_available():
             info["cuda_device"] = torch.cuda.get_device_name(0)
@@ -697,6 +725,13 @@ def main_bench(argv: list[str]) -> int:
         print("  c peak RSS vs depth      (run with --depth-factor 2)              n/a")
     if not c_available:
         print(f"  (c) unavailable: {c_why.splitlines()[-1] if c_why else 'xattn_doctor.cli missing'}")
+    rate = info.get("gemm_fp32_gflops")
+    if rate and ta and args.device == "cpu":
+        work = c_matmul_gflop(g)
+        floor = (ta + work / rate) / ta
+        checks["c_over_a_floor"] = dict(value=floor, matmul_gflop=work, gemm_gflops=rate)
+        print(f"  c/a floor on this CPU    {floor:10.3f}   ({work:.0f} GFLOP of float32 matmuls at "
+              f"the measured {rate:.0f} GFLOP/s = {work / rate:.2f} s, on top of a's {ta:.2f} s)")
     own = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 1024
     print(f"  (orchestrator peak RSS {own:.0f} MB: a child's ru_maxrss is never below it)")
 

@@ -39,3 +39,12 @@ def test_cuda_bf16_runs_in_bf16_and_accumulates_in_float32() -> None:
     for a, b in zip(ref.blocks, rep.blocks):
         assert b.metrics.entropy_mean == pytest.approx(a.metrics.entropy_mean, rel=0.05, abs=0.02)
     assert any(f.code == "XD101" for f in rep.findings)
+
+
+def test_cuda_default_budget_is_larger_and_bounded() -> None:
+    from xattn_doctor.runtime import CPU_BUDGET, CUDA_BUDGET, default_budget
+
+    free, _ = torch.cuda.mem_get_info()
+    got = default_budget(torch.device("cuda"))
+    assert CPU_BUDGET <= got <= CUDA_BUDGET
+    assert got == max(CPU_BUDGET, min(CUDA_BUDGET, free // 8))

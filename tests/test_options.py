@@ -82,3 +82,39 @@ def test_include_exclude_patterns(tmp_path: Path) -> None:
 def test_unknown_code_in_disable_is_an_error() -> None:
     with pytest.raises(ConfigError, match="unknown rule code"):
         build({"disable": ["nope"]}, "c.yaml")
+
+
+def test_memory_budget_sizes_the_backward_subsample(tmp_path: Path) -> None:
+    """memory_budget_mb reaches the run: 1 MiB leaves the backward a handful of queries, the
+    CPU default (64 MiB) many more; the statistics see every query either way."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from xattn_doctor.runtime import CPU_BUDGET, default_budget
+
+    assert build({}, None).budget_bytes is None
+    assert default_budget(torch.device("cpu")) == CPU_BUDGET == 64 * 2**20
+    folder = FIX / "healthy"
+    ref = json.loads(CliRunner().invoke(app, ["diagnose", str(folder), "--format", "json",
+                                              "--fail-on", "never"]).stdout)
+    block = ref["blocks"][0]
+    gen = torch.Generator().manual_seed(0)
+    save_file({"hidden_states": torch.randn(1, 512, block["query_dim"], generator=gen),
+               "encoder_hidden_states": torch.randn(1, 2048, block["context_dim"], generator=gen)},
+              str(tmp_path / "probe.safetensors"))
+    per_query = block["heads"] * 2048 * 4 * 8
+    got = {}
+    for mb in (1, None):
+        args = ["diagnose", str(folder), "--probe", str(tmp_path / "probe.safetensors"),
+                "--format", "json", "--fail-on", "never"]
+        if mb:
+            args += ["--config", str(write(tmp_path, f"memory_budget_mb: {mb}\n"))]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        got[mb] = json.loads(res.stdout)["blocks"][0]["metrics"]
+    assert got[1]["backward_queries"] == 2**20 // per_query
+    assert got[None]["backward_queries"] == min(512, 64 * 2**20 // per_query)
+    assert got[1]["backward_queries"] < got[None]["backward_queries"]
+    assert got[1]["entropy_mean"] == pytest.approx(got[None]["entropy_mean"], abs=1e-6)

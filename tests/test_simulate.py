@@ -19,7 +19,7 @@ from xattn_doctor.layouts._base import BlockSpec, Norm
 from xattn_doctor.measure import RunSettings
 from xattn_doctor.options import Options
 from xattn_doctor.probe import Probe, load_probe, synthetic
-from xattn_doctor.runtime import resolve
+from xattn_doctor.runtime import default_budget, resolve
 from xattn_doctor.simulate import apply, run_fixed, simulate
 
 OPTS = Options(device="cpu")
@@ -36,7 +36,7 @@ class Case:
         ckpt = open_checkpoint(self.path)
         self.spec: BlockSpec = detect(ckpt.index, ckpt.config, None).blocks[0]
         rt = resolve("cpu", "auto", ckpt.dtype)
-        self.settings = RunSettings(rt.device, rt.dtype, OPTS.budget_bytes, 0)
+        self.settings = RunSettings(rt.device, rt.dtype, OPTS.budget_bytes or default_budget(rt.device), 0)
 
     @property
     def before(self) -> Metrics:

@@ -52,10 +52,11 @@ def diagnose_one(path: Path, probe: Probe | None, opts: Options,
     probe = probe or synthetic(opts.seed)
     probe.used = set()
     from xattn_doctor.measure import RunSettings
-    from xattn_doctor.runtime import resolve
+    from xattn_doctor.runtime import default_budget, resolve
 
     rt = resolve(opts.device, opts.dtype, ckpt.dtype)
-    settings = RunSettings(rt.device, rt.dtype, opts.budget_bytes, opts.seed)
+    settings = RunSettings(rt.device, rt.dtype, opts.budget_bytes or default_budget(rt.device),
+                           opts.seed)
     blocks, findings, synthesized = [], [], []
     ahead = rt.device.type == "cuda"
     for i, (spec, tensors) in enumerate(blocks_with_tensors(ckpt, found.blocks, ahead)):

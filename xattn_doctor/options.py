@@ -10,7 +10,8 @@ The config is YAML (`--config FILE`) or the `[tool.xattn-doctor]` table of ./pyp
       include: ["*.cross_attn"] # fnmatch patterns on block names; diagnose only these
       exclude: []
     heads: 16                   # as --heads
-    memory_budget_mb: 64        # score tiles and backward pass
+    memory_budget_mb: 64        # score tiles and backward pass (default: 64 on CPU,
+                                # on CUDA 1024 or an eighth of free memory if less)
 
 An unknown key, rule code or option, or a wrongly typed value, is a ConfigError naming the
 file and the key (exit 2).
@@ -47,7 +48,7 @@ class Options:
     disabled: frozenset[str] = frozenset()
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    budget_bytes: int = 64 * 2**20
+    budget_bytes: int | None = None  # None: the device's default (runtime.default_budget)
     config_path: str | None = None
 
     def effective_thresholds(self) -> dict[str, dict[str, Any]]:
@@ -104,13 +105,14 @@ def build(raw: Mapping[str, Any], where: str | None, **flags: Any) -> Options:
         heads = _typed(raw, "heads", int, where, None)
     if heads is not None and heads < 1:
         raise ConfigError(where, f"heads: must be a positive integer, not {heads}")
-    budget = _typed(raw, "memory_budget_mb", int, where, 64)
-    if budget < 1:
+    budget = _typed(raw, "memory_budget_mb", int, where, None)
+    if budget is not None and budget < 1:
         raise ConfigError(where, "memory_budget_mb: must be positive")
     return Options(fail_on=fail_on, heads=heads, thresholds=thresholds, disabled=disabled,
                    include=_patterns(blocks, "include", where),
                    exclude=_patterns(blocks, "exclude", where),
-                   budget_bytes=budget * 2**20, config_path=where,
+                   budget_bytes=budget * 2**20 if budget is not None else None,
+                   config_path=where,
                    **{k: v for k, v in flags.items() if v is not None})
 
 

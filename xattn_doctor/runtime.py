@@ -8,6 +8,9 @@ import torch
 
 from xattn_doctor.errors import UsageError
 
+CPU_BUDGET = 64 * 2**20
+CUDA_BUDGET = 2**30
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
@@ -86,3 +89,16 @@ def _runs(dev: torch.device, dtype: torch.dtype) -> bool:
         return True
     except (RuntimeError, NotImplementedError):
         return False
+
+
+def default_budget(device: torch.device) -> int:
+    """Bytes for score tiles and the backward when the config sets none: 64 MiB on a CPU (the
+    resident set CI boxes have room for); on a GPU 1 GiB, or an eighth of what is free if less,
+    so that long contexts run in few large tiles rather than many small kernel launches."""
+    if device.type != "cuda":
+        return CPU_BUDGET
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+    except RuntimeError:
+        return CPU_BUDGET
+    return max(CPU_BUDGET, min(CUDA_BUDGET, free // 8))

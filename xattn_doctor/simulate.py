@@ -28,7 +28,7 @@ from xattn_doctor.layouts._base import BlockSpec, Norm
 from xattn_doctor.measure import RunSettings, measure
 from xattn_doctor.options import Options
 from xattn_doctor.probe import Probe, load_probe, synthetic
-from xattn_doctor.runtime import resolve
+from xattn_doctor.runtime import default_budget, resolve
 
 Tensors = dict[str, Tensor]
 
@@ -81,7 +81,8 @@ def simulate(path: Path, probe: Probe, opts: Options,
     ckpt = open_checkpoint(path)
     specs = _specs(ckpt, opts)
     rt = resolve(opts.device, opts.dtype, ckpt.dtype)
-    settings = RunSettings(rt.device, rt.dtype, opts.budget_bytes, opts.seed)
+    settings = RunSettings(rt.device, rt.dtype, opts.budget_bytes or default_budget(rt.device),
+                           opts.seed)
     out: list[Simulation] = []
     for name, codes in sick.items():
         for fix in to_simulate(codes) if name in specs else []:

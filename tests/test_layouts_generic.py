@@ -124,3 +124,22 @@ def test_nested_config_heads() -> None:
     cfg = ModelConfig({"text_config": {"num_attention_heads": 8}})
     assert cfg.get_int("num_attention_heads") == 8
     assert ModelConfig({"num_heads": True}).get_int("num_heads") is None
+
+
+def test_two_attention_modules_in_one_layer_get_their_own_names() -> None:
+    """A decoder layer with self- and cross-attention, each with its own norm beside it (BART,
+    Whisper): the blocks are named by their modules, not both by the layer; and the decoder's
+    head count is read from decoder_attention_heads."""
+    lay = "model.decoder.layers.0"
+    sd = {**module(f"{lay}.self_attn", {n: lin(32, 32, True) for n in
+                                        ("q_proj", "k_proj", "v_proj", "out_proj")}),
+          **module(f"{lay}.encoder_attn", {n: lin(32, 32, True) for n in
+                                           ("q_proj", "k_proj", "v_proj", "out_proj")}),
+          **module(lay, {n: {"weight": torch.ones(32), "bias": torch.zeros(32)} for n in
+                         ("self_attn_layer_norm", "encoder_attn_layer_norm")})}
+    found = detect(shapes(sd), ModelConfig({"decoder_attention_heads": 8,
+                                            "encoder_attention_heads": 2, "d_model": 32}))
+    names = [b.name for b in found.blocks] + [s["name"] for s in found.skipped]
+    assert sorted(names) == [f"{lay}.encoder_attn", f"{lay}.self_attn"]
+    (cross,) = found.blocks
+    assert cross.name == f"{lay}.encoder_attn" and (cross.heads, cross.heads_source) == (8, "config")

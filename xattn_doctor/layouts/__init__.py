@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from xattn_doctor._plugins import load
-from xattn_doctor.layouts._base import BlockSpec, KeyIndex, Layout, ModelConfig
+from xattn_doctor.layouts._base import BlockSpec, KeyIndex, Layout, ModelConfig, common_prefix
 
 _LAYOUTS: dict[str, Layout] = {}
 T = TypeVar("T")
@@ -53,7 +53,7 @@ def detect(index: KeyIndex, config: ModelConfig, heads: int | None = None) -> De
     ambiguous: list[BlockSpec] = []
     for layout in all_layouts():
         out.tried.append(layout.name)
-        for spec in layout.match(index, config):
+        for spec in _unique_names(layout.match(index, config)):
             shared = {spec.learned_queries.key} if spec.learned_queries else set()
             keys = spec.keys() - shared  # learned queries may feed several blocks
             if keys & claimed:
@@ -78,6 +78,24 @@ def detect(index: KeyIndex, config: ModelConfig, heads: int | None = None) -> De
     if heads is not None:
         out.blocks = [_override_heads(s, heads) for s in out.blocks]
     out.blocks.sort(key=lambda s: _natural(s.name))
+    return out
+
+
+def _unique_names(specs: list[BlockSpec]) -> list[BlockSpec]:
+    """A layer holding two attention modules (self- and cross-attention, each with its own
+    norm beside it) would name both blocks by the layer: name those by their own module, the
+    path their q/k/v/o projections share."""
+    counts: dict[str, int] = {}
+    for s in specs:
+        counts[s.name] = counts.get(s.name, 0) + 1
+    out = []
+    for s in specs:
+        if counts[s.name] > 1:
+            lins = [lin.weight.key for lin in (s.q, s.k, s.v, s.o) if lin is not None]
+            own = common_prefix(lins)
+            if own.startswith(s.name + ".") or (not s.name and own):
+                s = replace(s, name=own)
+        out.append(s)
     return out
 
 

@@ -20,7 +20,10 @@ from xattn_doctor.layouts._base import (
 )
 from xattn_doctor.layouts._surround import surroundings
 
-HEAD_KEYS = ("cross_attention_heads", "num_cross_attention_heads", "num_attention_heads",
+# decoder_attention_heads: encoder-decoder models (BART, Whisper, ...), whose cross-attention
+# is in the decoder
+HEAD_KEYS = ("cross_attention_heads", "num_cross_attention_heads", "decoder_attention_heads",
+             "num_attention_heads",
              "num_heads", "n_heads", "n_head", "nhead", "heads")
 
 

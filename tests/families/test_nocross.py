@@ -1,4 +1,5 @@
-"""LLaVA and Qwen2-VL have no cross-attention: nothing is diagnosed, and the message says why."""
+"""LLaVA and Qwen2-VL have no cross-attention: nothing is diagnosed, and the message says why.
+Idefics2 is not explained away: its Perceiver resampler is cross-attention (test_idefics2.py)."""
 
 from __future__ import annotations
 
@@ -77,6 +78,8 @@ def test_architecture_name_recognised() -> None:
 
 @pytest.mark.parametrize("config", [
     {"model_type": "mllama"},  # has cross-attention: never explained away
+    {"model_type": "idefics2"},  # its Perceiver resampler is cross-attention
+    {"architectures": ["Idefics2ForConditionalGeneration"]},
     {"model_type": "llama"},
     {},
 ])
@@ -93,6 +96,14 @@ def test_other_checkpoints_get_the_generic_message(config: dict[str, Any]) -> No
 def test_cross_attention_keys_are_not_explained_away() -> None:
     index = KeyIndex({"multi_modal_projector.weight": (32, 64),
                       "layers.0.cross_attn.wq.weight": (32, 32)})
+    assert explain_no_blocks(index, ModelConfig(), []).startswith(
+        "no cross-attention block recognised")
+
+
+def test_idefics2_resampler_keys_are_not_explained_away() -> None:
+    index = KeyIndex({"model.connector.modality_projection.down_proj.weight": (32, 64)})
+    assert "Idefics3-style" in explain_no_blocks(index, ModelConfig(), [])
+    index.shapes["model.connector.perceiver_resampler.latents"] = (4, 32)
     assert explain_no_blocks(index, ModelConfig(), []).startswith(
         "no cross-attention block recognised")
 

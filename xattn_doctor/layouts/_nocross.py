@@ -4,7 +4,9 @@ Most vision-language models (LLaVA, Qwen2-VL, PaliGemma, ...) have no cross-atte
 a projector maps image features into the text embedding space and the projected image tokens
 are concatenated into the text sequence, which the language model reads with ordinary
 self-attention. For those the message names the family and says so plainly, rather than
-suggesting that the tool missed something.
+suggesting that the tool missed something. Idefics2 is not one of them: its image tokens join
+the text sequence too, but its Perceiver resampler is cross-attention (layout
+`idefics2_perceiver`), so an Idefics2 checkpoint where none is found gets the generic message.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ CONCAT_FAMILIES = {
     "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL",
     "qwen3_vl_moe": "Qwen3-VL", "qwen2_5_omni": "Qwen2.5-Omni",
     "paligemma": "PaliGemma", "gemma3": "Gemma 3", "gemma3n": "Gemma 3n",
-    "idefics2": "Idefics2", "idefics3": "Idefics3", "smolvlm": "SmolVLM",
+    "idefics3": "Idefics3", "smolvlm": "SmolVLM",
     "internvl": "InternVL", "internvl_chat": "InternVL", "aya_vision": "Aya Vision",
     "mistral3": "Mistral 3", "pixtral": "Pixtral", "fuyu": "Fuyu", "got_ocr2": "GOT-OCR2",
     "phi3_v": "Phi-3-Vision", "phi4_multimodal": "Phi-4-multimodal", "minicpmv": "MiniCPM-V",
@@ -32,7 +34,7 @@ CONCAT_FAMILIES = {
 ARCH_PREFIXES = {
     "Llava": "LLaVA", "VipLlava": "VipLlava", "VideoLlava": "Video-LLaVA",
     "Qwen2VL": "Qwen2-VL", "Qwen2_5_VL": "Qwen2.5-VL", "Qwen3VL": "Qwen3-VL",
-    "PaliGemma": "PaliGemma", "Gemma3ForConditional": "Gemma 3", "Idefics2": "Idefics2",
+    "PaliGemma": "PaliGemma", "Gemma3ForConditional": "Gemma 3",
     "Idefics3": "Idefics3", "SmolVLM": "SmolVLM", "InternVL": "InternVL",
     "AyaVision": "Aya Vision", "Mistral3": "Mistral 3", "Fuyu": "Fuyu", "Phi3V": "Phi-3-Vision",
     "MiniCPMV": "MiniCPM-V", "Molmo": "Molmo", "Chameleon": "Chameleon", "Janus": "Janus",
@@ -48,17 +50,18 @@ CONCAT = ("a vision-language model that projects image features into the text se
 JOINT = ("a diffusion transformer whose joint (MMDiT) attention reads text and image tokens "
          "as one sequence")
 # Families that do have cross-attention: never explained away as concatenation models.
-CROSS_TYPES = {"mllama", "idefics", "flamingo", "openflamingo", "blip-2", "blip_2",
-               "instructblip", "instructblipvideo", "kosmos-2", "whisper", "t5", "bart",
-               "encoder-decoder", "vision-encoder-decoder", "pix2struct", "florence2"}
-CROSS_ARCHS = ("Mllama", "IdeficsFor", "IdeficsModel", "Blip2", "InstructBlip", "Kosmos2",
-               "Flamingo")
+CROSS_TYPES = {"mllama", "idefics", "idefics2", "idefics2_perceiver", "flamingo", "openflamingo",
+               "blip-2", "blip_2", "instructblip", "instructblipvideo", "kosmos-2", "whisper",
+               "t5", "bart", "encoder-decoder", "vision-encoder-decoder", "pix2struct",
+               "florence2"}
+CROSS_ARCHS = ("Mllama", "IdeficsFor", "IdeficsModel", "Idefics2", "Blip2", "InstructBlip",
+               "Kosmos2", "Flamingo")
 # Key fragments of a projector that feeds image tokens into the text sequence.
 PROJECTOR_KEYS = {
     "multi_modal_projector.": "a LLaVA-style", "mm_projector.": "a LLaVA-style",
     "visual.merger.": "a Qwen-VL-style", "connector.modality_projection.": "an Idefics3-style",
 }
-CROSS_HINTS = ("cross", "attn2", "encoder_attn", "xattn", "gated_x")
+CROSS_HINTS = ("cross", "attn2", "encoder_attn", "xattn", "gated_x", "perceiver_resampler")
 POINT_AT = ("To diagnose a cross-attention block the tool missed, keep it under a recognised "
             "name (a module called cross_attn, attn2, encoder_attn or crossattention holding "
             "q_proj/k_proj/v_proj, to_q/to_k/to_v, query/key/value or a packed "

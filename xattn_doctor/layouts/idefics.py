@@ -11,8 +11,8 @@ resampler, whose last op is a LayerNorm, is on), `q_layer_norm`/`k_layer_norm` (
 (1, 1, hidden) for "vector") is the tanh gate. The MLP half and its `alpha_dense` gate are not run;
 `alpha_dense` is listed among the block's keys. No projection has a bias, so text tokens that may
 attend to no image (zeroed by IDEFICS' `cross_attention_gate`) get a zero update here too.
-The Perceiver resampler's attention (keys and values over [context; latents]) is not reported:
-`BlockSpec` cannot attend over the queries appended to the context.
+The Perceiver resampler's attention blocks (`perceiver_resampler.blocks.N.0`, keys and values
+over cat(context, latents)) are the `idefics_perceiver` layout's (idefics_perceiver.py).
 """
 
 from __future__ import annotations

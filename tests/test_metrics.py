@@ -88,6 +88,7 @@ def test_entropy_and_max_weight_match_torch(case) -> None:  # type: ignore[no-un
     mha, x, c, mask = case
     m = metrics_of(build(mha), x, c, mask)
     _, w = reference(mha, x, c, mask)
+    w = w.detach()
     ent = ref_entropy(w, mask)
     assert m.head_entropy == pytest.approx(ent.tolist(), abs=TOL)
     assert m.entropy_mean == pytest.approx(float(ent.mean()), abs=TOL)

@@ -106,39 +106,52 @@ class _QFormerSettings:
 def _block(index: KeyIndex, module: str, settings: _QFormerSettings, cross: bool,
            layout: str) -> BlockSpec | None:
     """The sub-block at `module` (`<layer>.crossattention` or `<layer>.attention`)."""
-    parts = _parts(index, module)
-    if parts is None:
-        return None
-    q, k, v, o, post = parts
-    inner, query_dim = _shape(index, q)
-    context_dim = _shape(index, k)[1]
-    heads, source = resolve_heads(inner, config_heads=settings.heads)
-    learned = _query_tokens(index, module, query_dim) if cross else None
+    spec = block(index, module, "attention", heads=settings.heads, eps=settings.eps,
+                 layout=layout, cross=cross)
+    if spec is None or not cross:
+        return spec
+    learned = _query_tokens(index, module, spec.query_dim)
     notes = (NOTE_X,) + ((NOTE_LEARNED,) if learned is not None else ())
     if settings.model.startswith("instructblip"):
         notes += (("InstructBLIP Q-Former: the instruction tokens only self-attend; the "
                    "cross-attention sees the query tokens alone."),)
+    return replace(spec, learned_queries=learned, notes=notes)
+
+
+def block(index: KeyIndex, module: str, inner: str, *, heads: int | None, eps: float,
+          layout: str, cross: bool) -> BlockSpec | None:
+    """The post-LN BERT attention sub-block at `module`, y = LayerNorm(x + dense(attn)):
+    q/k/v under `module.inner` ("attention" in the Q-Former, "self" in BERT and BLIP text),
+    `module.output.dense` and `module.output.LayerNorm`. Shared with `bert_crossattention`."""
+    found = parts(index, module, inner)
+    if found is None:
+        return None
+    q, k, v, o, post = found
+    width, query_dim = _shape(index, q)
+    context_dim = _shape(index, k)[1]
+    count, source = resolve_heads(width, config_heads=heads)
     return BlockSpec(
-        name=module, layout=layout, heads=heads, kv_heads=heads, head_dim=inner // heads,
+        name=module, layout=layout, heads=count, kv_heads=count, head_dim=width // count,
         query_dim=query_dim, context_dim=context_dim, q=q, k=k, v=v, o=o,
-        post_norm=Norm("layer", post.width, post.weight, post.bias, settings.eps),
-        residual=True, learned_queries=learned, role="cross" if cross else "self",
-        heads_source=source, notes=notes if cross else (),
+        post_norm=Norm("layer", post.width, post.weight, post.bias, eps),
+        residual=True, role="cross" if cross else "self", heads_source=source,
     )
 
 
-def _parts(index: KeyIndex, module: str) -> tuple[Linear, Linear, Linear, Linear, Norm] | None:
-    """query, key, value, output.dense and output.LayerNorm, when their shapes agree."""
-    attn = join(module, "attention")
+def parts(index: KeyIndex, module: str,
+          inner: str) -> tuple[Linear, Linear, Linear, Linear, Norm] | None:
+    """query, key, value (under `module.inner`), output.dense and output.LayerNorm, when their
+    shapes agree."""
+    attn = join(module, inner)
     q, k, v = (linear(index, join(attn, n)) for n in ("query", "key", "value"))
     o = linear(index, join(module, "output.dense"))
     post = norm(index, join(module, "output.LayerNorm"), kind="layer")
     if q is None or k is None or v is None or o is None or post is None:
         return None
-    inner, query_dim = _shape(index, q)
-    if _shape(index, k)[0] != inner or _shape(index, v) != _shape(index, k):
+    width, query_dim = _shape(index, q)
+    if _shape(index, k)[0] != width or _shape(index, v) != _shape(index, k):
         return None
-    if _shape(index, o) != (query_dim, inner) or post.width != query_dim:
+    if _shape(index, o) != (query_dim, width) or post.width != query_dim:
         return None
     return q, k, v, o, post
 

@@ -383,3 +383,69 @@ def test_capture_probe_then_diagnose_uses_the_captured_inputs(unet: Any, unet_di
     assert x.shape == (2, 16, 32)  # the 4x4 latent's tokens, at the block's width
     (report,) = xattn_doctor.diagnose([unet_dir], probe=probe)
     assert {b.name: b.inputs for b in report.blocks} == {b: "probe" for b in UNET_HEADS}
+
+
+
+def _ldm_names(unet: Any, layers_per_block: int) -> dict[str, str]:
+    """diffusers attention-module path -> its path in an original (CompVis / Stability)
+    single-file checkpoint: input_blocks / middle_block / output_blocks."""
+    out = {"mid_block.attentions.0": "model.diffusion_model.middle_block.1"}
+    for name, _ in unet.named_modules():
+        parts = name.split(".")
+        if len(parts) != 4 or parts[2] != "attentions":
+            continue
+        i, j = int(parts[1]), int(parts[3])
+        if parts[0] == "down_blocks":
+            out[name] = f"model.diffusion_model.input_blocks.{1 + i * (layers_per_block + 1) + j}.1"
+        elif parts[0] == "up_blocks":
+            out[name] = f"model.diffusion_model.output_blocks.{i * (layers_per_block + 2) + j}.1"
+    return out
+
+
+@pytest.mark.parametrize(("context", "head_dims", "want"), [
+    (768, 8, "SD 1.x"), (2048, (1, 2), "SDXL")], ids=["sd1", "sdxl"])
+def test_single_file_sd_unet_takes_heads_from_its_version(context: int, head_dims: Any,
+                                                          want: str, tmp_path: Path) -> None:
+    """A UNet saved under the original single-file names, without config.json: SD 1.x has 8
+    heads everywhere, SD 2.x / SDXL 64-wide heads. The heads must be the library's, and the
+    rebuilt block's probabilities equal the library's."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=context, attention_head_dim=head_dims, norm_num_groups=8).eval()
+    names = _ldm_names(unet, 1)
+    sd = {}
+    for key, value in unet.state_dict().items():
+        mod = next((m for m in names if key.startswith(m + ".")), None)
+        if mod is not None:
+            sd[names[mod] + key[len(mod):]] = value.contiguous()
+    save_file(sd, str(tmp_path / "sd.safetensors"))
+    ckpt = open_checkpoint(tmp_path / "sd.safetensors")
+    specs = detect(ckpt.index, ckpt.config).blocks
+    by_ldm = {v: k for k, v in names.items()}
+    assert len(specs) == len(names)
+    for spec in specs:
+        ldm_attn = spec.name.rsplit(".transformer_blocks", 1)[0]
+        lib = unet.get_submodule(f"{by_ldm[ldm_attn]}.transformer_blocks.0.attn2")
+        assert spec.layout == "diffusers_attn2" and spec.heads == lib.heads, spec.name
+        assert spec.heads_source == "config" and any(want in n for n in spec.notes)
+    spec = specs[0]
+    lib_name = f"{by_ldm[spec.name.rsplit('.transformer_blocks', 1)[0]]}.transformer_blocks.0"
+    rec, hooks = _record(unet, [f"{lib_name}.attn2"])
+    gen = torch.Generator().manual_seed(1)
+    text = torch.randn(1, 5, context, generator=gen)
+    try:
+        with torch.no_grad():
+            unet(torch.randn(1, 4, 8, 8, generator=gen), 10, encoder_hidden_states=text)
+    finally:
+        for h in hooks:
+            h.remove()
+    r = rec[f"{lib_name}.attn2"]
+    blk = _rebuild(ckpt, spec)
+    with torch.no_grad():
+        lib_probs = r["probs"].reshape(1, spec.heads, *r["probs"].shape[1:])
+        assert torch.allclose(_probs(blk, r["x"], text, None), lib_probs, atol=1e-4)

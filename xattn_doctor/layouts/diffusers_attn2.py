@@ -13,7 +13,9 @@ never reported here. SD3.5's dual-attention `attn2` (beside a joint `attn`) is s
 
 Heads: a UNet's `attention_head_dim` historically means the number of heads (when
 `num_attention_heads` is null), per down block, reversed for up blocks, last for the mid
-block; transformers' `num_attention_heads` means what it says.
+block; transformers' `num_attention_heads` means what it says. A single-file Stable Diffusion
+checkpoint (`model.diffusion_model.input_blocks...`, the same `attn2`/`norm2` names, no
+config.json) takes its heads from the model version its context width gives away.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from xattn_doctor.layouts._base import (
 from xattn_doctor.layouts._hf_mask import keep_or_bias_mask
 
 UNET_BLOCK = re.compile(r"(?:^|\.)(down_blocks|up_blocks)\.(\d+)\.|(?:^|\.)mid_block\.")
+# the original (CompVis / Stability) UNet naming of single-file checkpoints
+LDM_UNET = re.compile(r"(?:^|\.)diffusion_model\.(?:input_blocks|middle_block|output_blocks)\.")
 LAYER_EPS = 1e-5  # nn.LayerNorm default; Attention's eps for norm_cross and qk-norms
 ADA_NOTE = ("norm2 is timestep-conditioned (AdaLayerNorm) in the library; modelled as a plain "
             "LayerNorm without its scale and shift.")
@@ -70,12 +74,13 @@ class DiffusersAttn2:
         kv_inner, context_dim = _shape(index, k)
         if _shape(index, v)[1] != context_dim:
             return None
-        heads, source = _heads(config, block, inner)
+        heads, source, heads_note = _heads(config, block, inner, context_dim)
         head_dim = inner // heads
         if kv_inner % head_dim or heads % (kv_inner // head_dim):
             return None
         q_norm, k_norm = (norm(index, join(attn, n), eps=LAYER_EPS) for n in ("norm_q", "norm_k"))
         query_norm, notes = _query_norm(index, config, block, query_dim)
+        notes += (heads_note,) if heads_note else ()
         context_norm = norm(index, join(attn, "norm_cross"), "layer", LAYER_EPS)
         if context_norm is not None and config.get("cross_attention_norm") == "group_norm":
             notes += ("norm_cross is a GroupNorm in the library; modelled as a LayerNorm.",)
@@ -151,14 +156,36 @@ def _norm_eps(config: ModelConfig) -> float:
     return float(eps) if isinstance(eps, (int, float)) and eps > 0 else LAYER_EPS
 
 
-def _heads(config: ModelConfig, block: str, inner: int) -> tuple[int, HeadsSource]:
-    """Head count of the `attn2` under `block` from config.json, else the default."""
+def _heads(config: ModelConfig, block: str, inner: int,
+           context_dim: int) -> tuple[int, HeadsSource, str | None]:
+    """Head count of the `attn2` under `block` from config.json, else, for a single-file
+    Stable Diffusion UNet, from its model version; else the default. The str is a note."""
     configured = _unet_heads(config, block)
     if configured is None and not config.get("down_block_types"):
         configured = config.get_int("num_attention_heads")
         if configured is None and isinstance(config.get("attention_head_dim"), int):
             configured = _as_heads(inner, config.get("attention_head_dim"))
-    return resolve_heads(inner, config_heads=configured)
+    if configured is None and not config and LDM_UNET.search(block):
+        configured, note = _ldm_heads(inner, context_dim)
+        if configured is not None:
+            heads, source = resolve_heads(inner, config_heads=configured)
+            return heads, source, note
+    heads, source = resolve_heads(inner, config_heads=configured)
+    return heads, source, None
+
+
+def _ldm_heads(inner: int, context_dim: int) -> tuple[int | None, str | None]:
+    """A single-file SD UNet (`model.diffusion_model.`, no config.json): SD 1.x (CLIP ViT-L
+    context, 768 wide) has 8 heads in every block (v1-inference.yaml `num_heads: 8`); SD 2.x
+    (1024) and SDXL (2048) have 64-wide heads (`num_head_channels: 64`)."""
+    if context_dim == 768:
+        return 8, ("Single-file SD 1.x UNet (context 768 wide): 8 heads, as its "
+                   "v1-inference.yaml sets; --heads overrides.")
+    if context_dim in (1024, 2048) and inner % 64 == 0:
+        version = "SD 2.x" if context_dim == 1024 else "SDXL"
+        return inner // 64, (f"Single-file {version} UNet (context {context_dim} wide): heads "
+                             "64 wide, as its config's num_head_channels sets; --heads overrides.")
+    return None, None
 
 
 def _unet_heads(config: ModelConfig, block: str) -> int | None:

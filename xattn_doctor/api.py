@@ -82,10 +82,15 @@ def diagnose_one(path: Path, probe: Probe | None, opts: Options,
 
 
 def _detect(ckpt: Checkpoint, opts: Options) -> Detection:
+    from xattn_doctor.layouts._peft import describe_lora, lora_under
+
     try:
         found = detect(ckpt.index, ckpt.config, opts.heads)
     except ValueError as e:
         raise UsageError(ckpt.path, str(e)) from e
+    lora = describe_lora(ckpt.index)
+    if lora is not None and (not found.blocks or lora_under(ckpt.index, found.blocks)):
+        raise UsageError(ckpt.path, f"this is {lora}")
     kept = [b for b in found.blocks if opts.wants(b.name)]
     found.skipped += [{"name": b.name, "layout": b.layout, "reason": "excluded by config"}
                       for b in found.blocks if not opts.wants(b.name)]

@@ -449,3 +449,19 @@ def test_single_file_sd_unet_takes_heads_from_its_version(context: int, head_dim
     with torch.no_grad():
         lib_probs = r["probs"].reshape(1, spec.heads, *r["probs"].shape[1:])
         assert torch.allclose(_probs(blk, r["x"], text, None), lib_probs, atol=1e-4)
+
+
+def test_misshapen_norm2_is_refused_not_dropped(tmp_path: Path) -> None:
+    """A norm2 weight that is not a vector: exit 2 naming it, not a block run without it."""
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from xattn_doctor.cli import app
+
+    b = "down_blocks.0.attentions.0.transformer_blocks.0"
+    sd = {f"{b}.attn2.to_q.weight": torch.zeros(32, 32), f"{b}.attn2.to_k.weight": torch.zeros(32, 8),
+          f"{b}.attn2.to_v.weight": torch.zeros(32, 8), f"{b}.attn2.to_out.0.weight": torch.zeros(32, 32),
+          f"{b}.norm2.weight": torch.zeros(32, 2)}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    r = CliRunner().invoke(app, ["diagnose", str(tmp_path / "m.safetensors")])
+    assert r.exit_code == 2 and f"{b}.norm2.weight" in r.output and "[32, 2]" in r.output

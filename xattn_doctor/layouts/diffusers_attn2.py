@@ -32,6 +32,7 @@ from xattn_doctor.layouts._base import (
     Linear,
     ModelConfig,
     Norm,
+    TensorRef,
     common_prefix,
     join,
     linear,
@@ -141,6 +142,9 @@ def _query_norm(index: KeyIndex, config: ModelConfig, block: str,
     found = norm(index, join(block, "norm2"), "layer", eps)
     if found is not None:
         return (found, ()) if found.width == width else (None, ())
+    weight = join(block, "norm2.weight")
+    if weight in index:  # not a vector: kept, so that the shape check refuses the file
+        return Norm("layer", width, TensorRef(weight), eps=eps), ()
     if index.under(join(block, "norm2.")):
         return Norm("layer", width, eps=eps), (ADA_NOTE,)
     if config.get("norm_type") == "layer_norm" and config.get("norm_elementwise_affine") is False:

@@ -143,3 +143,14 @@ def test_two_attention_modules_in_one_layer_get_their_own_names() -> None:
     assert sorted(names) == [f"{lay}.encoder_attn", f"{lay}.self_attn"]
     (cross,) = found.blocks
     assert cross.name == f"{lay}.encoder_attn" and (cross.heads, cross.heads_source) == (8, "config")
+
+
+def test_projection_with_an_empty_side_is_not_a_block() -> None:
+    """A q weight of shape [0, 24] (a broken file) has no heads to split: that module is not
+    a block, and detection goes on (it divided by a zero head width before)."""
+    sd = {**module("enc.layers.0.self_attn", {"q": lin(0, 24), "k": lin(32, 24), "v": lin(32, 24),
+                                              "o": lin(32, 32)}),
+          **module("dec.layers.0.cross_attn", {"q_proj": lin(32, 32), "k_proj": lin(32, 48),
+                                               "v_proj": lin(32, 48), "o_proj": lin(32, 32)})}
+    found = detect(shapes(sd), ModelConfig({"num_attention_heads": 4}))
+    assert [b.name for b in found.blocks] == ["dec.layers.0.cross_attn"]

@@ -206,10 +206,11 @@ def parent(prefix: str) -> str:
 
 
 def linear(index: KeyIndex, module: str) -> Linear | None:
-    """The nn.Linear at `module` (a `.weight` of rank 2, optional `.bias`), if any."""
+    """The nn.Linear at `module` (a `.weight` of rank 2 with no empty side, optional `.bias`),
+    if any: a projection with no rows or no columns has no heads to split."""
     w = join(module, "weight")
     shape = index.shape(w)
-    if shape is None or len(shape) != 2:
+    if shape is None or len(shape) != 2 or 0 in shape:
         return None
     b = join(module, "bias")
     return Linear(TensorRef(w), TensorRef(b) if b in index else None)

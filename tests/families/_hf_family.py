@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,25 @@ def patch(path: Path, key: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> N
 def shard_count(path: Path) -> int:
     """How many safetensors files the model was saved in."""
     return len(list(path.glob("*.safetensors")))
+
+
+@contextlib.contextmanager
+def recorded_layers(model: Any, blocks: list[str], attn: str) -> Iterator[dict[str, dict[str, Any]]]:
+    """Per block (a layer path): the layer call's args and kwargs, and its `attn` submodule's
+    output and attention weights (`attn_out`, `weights`), from the forward run inside."""
+    seen: dict[str, dict[str, Any]] = {}
+    hooks = []
+    for name in blocks:
+        mod = model.get_submodule(name)
+        hooks += [
+            mod.register_forward_pre_hook(
+                lambda m, a, kw, n=name: seen.__setitem__(n, {"args": a, "kwargs": kw}),
+                with_kwargs=True),
+            getattr(mod, attn).register_forward_hook(
+                lambda m, a, o, n=name: seen[n].update(attn_out=o[0], weights=o[1])),
+        ]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()

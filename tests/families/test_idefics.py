@@ -54,28 +54,13 @@ def layout() -> Any:
 
 def run(model: Any) -> dict[str, dict[str, Any]]:
     """One forward pass; sample 0 sees both images, sample 1 the second, sample 2 none."""
-    seen: dict[str, dict[str, Any]] = {}
-    hooks = []
-    for name in BLOCKS:
-        mod = model.get_submodule(name)
-        hooks += [
-            mod.register_forward_pre_hook(
-                lambda m, a, kw, n=name: seen.__setitem__(n, {"args": a, "kwargs": kw}),
-                with_kwargs=True),
-            mod.cross_attn.register_forward_hook(
-                lambda m, a, o, n=name: seen[n].update(attn_out=o[0], weights=o[1])),
-        ]
     torch.manual_seed(1)
     images = torch.zeros(3, 6, 2, dtype=torch.long)
     images[0] = 1
     images[1, :, 1] = 1
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.randint(3, 100, (3, 6)),
-                  pixel_values=torch.randn(3, 2, 3, 16, 16), image_attention_mask=images)
-    finally:
-        for h in hooks:
-            h.remove()
+    with H.recorded_layers(model, BLOCKS, "cross_attn") as seen, torch.no_grad():
+        model(input_ids=torch.randint(3, 100, (3, 6)),
+              pixel_values=torch.randn(3, 2, 3, 16, 16), image_attention_mask=images)
     return seen
 
 

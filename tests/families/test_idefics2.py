@@ -65,23 +65,8 @@ def inputs() -> dict[str, Any]:
 
 def run(model: Any) -> dict[str, dict[str, Any]]:
     """One forward pass, recording each resampler layer's call and its attention's output."""
-    seen: dict[str, dict[str, Any]] = {}
-    hooks = []
-    for name in BLOCKS:
-        mod = model.get_submodule(name)
-        hooks += [
-            mod.register_forward_pre_hook(
-                lambda m, a, kw, n=name: seen.__setitem__(n, {"args": a, "kwargs": kw}),
-                with_kwargs=True),
-            mod.self_attn.register_forward_hook(
-                lambda m, a, o, n=name: seen[n].update(attn_out=o[0], weights=o[1])),
-        ]
-    try:
-        with torch.no_grad():
-            model(**inputs())
-    finally:
-        for h in hooks:
-            h.remove()
+    with H.recorded_layers(model, BLOCKS, "self_attn") as seen, torch.no_grad():
+        model(**inputs())
     return seen
 
 

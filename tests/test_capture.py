@@ -75,7 +75,7 @@ def test_capture_then_diagnose_matches_the_live_forward(tmp_path: Path) -> None:
 
 def test_mask_conventions_become_one_keep_mask() -> None:
     """Bool keep, 0/1 float, additive bias, torch's key_padding_mask and per-query masks."""
-    from xattn_doctor.capture import _mask
+    from xattn_doctor.live.tap import key_mask_of as _mask
 
     c = torch.zeros(2, 4, 8)
     keep = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0]], dtype=torch.bool)

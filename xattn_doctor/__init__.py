@@ -21,7 +21,7 @@ def diagnose(*args: Any, **kwargs: Any) -> Any:
 
 
 def capture_probe(*args: Any, **kwargs: Any) -> Any:
-    """Record what reaches each cross-attention block; see `xattn_doctor.capture.capture_probe`."""
-    from xattn_doctor.capture import capture_probe as _capture
+    """Record what reaches each cross-attention block; see `xattn_doctor.live.capture.capture_probe`."""
+    from xattn_doctor.live.capture import capture_probe as _capture
 
     return _capture(*args, **kwargs)

@@ -17,7 +17,7 @@ from xattn_doctor.layouts._base import BlockSpec
 from xattn_doctor.options import Options
 from xattn_doctor.prefetch import blocks_with_tensors
 from xattn_doctor.probe import Probe, load_probe, synthetic
-from xattn_doctor.rules import BlockContext
+from xattn_doctor.rules import BlockContext, run_report
 from xattn_doctor.rules import run as run_rules
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def diagnose_one(path: Path, probe: Probe | None, opts: Options,
         if label != "probe":
             synthesized.append(f"{spec.name}: {label}")
     probe.check_fits(found.blocks)
-    return Report(
+    report = Report(
         tool_version=__version__,
         checkpoint=_info(ckpt, found),
         probe=ProbeInfo(probe.source, str(probe.path) if probe.path else None, synthesized),
@@ -79,6 +79,14 @@ def diagnose_one(path: Path, probe: Probe | None, opts: Options,
         thresholds=opts.effective_thresholds(),
         skipped=found.skipped,
     )
+    add_report_findings(report, opts)
+    return report
+
+
+def add_report_findings(report: Report, opts: Options) -> None:
+    """Add the whole-report rules' findings, keeping the findings' order (worst first)."""
+    report.findings.extend(run_report(report, opts.thresholds, opts.disabled))
+    report.findings.sort(key=lambda f: (-f.severity.rank, f.code, f.block or ""))
 
 
 def _detect(ckpt: Checkpoint, opts: Options) -> Detection:
@@ -112,6 +120,15 @@ def _no_blocks_message(ckpt: Checkpoint, found: Detection) -> str:
 
 def _run_block(ckpt: Checkpoint, spec: BlockSpec, tensors: dict[str, Any], probe: Probe,
                settings: RunSettings, opts: Options) -> tuple[BlockResult, list[Finding], str]:
+    result = measure_block(spec, tensors, probe, settings)
+    findings = judge_block(result, spec, probe.source, settings, ckpt.dtype, opts)
+    return result, findings, result.inputs
+
+
+def measure_block(spec: BlockSpec, tensors: dict[str, Any], probe: Probe,
+                  settings: RunSettings) -> BlockResult:
+    """Rebuild one block from its tensors (by role; from a file or a live model) and measure
+    it on the inputs `probe` gives it. `tensors` is emptied: the caller's copies go early."""
     from xattn_doctor.attention import RebuiltBlock
     from xattn_doctor.measure import measure
 
@@ -122,7 +139,9 @@ def _run_block(ckpt: Checkpoint, spec: BlockSpec, tensors: dict[str, Any], probe
     del cast
     inputs = probe.inputs_for(spec, block.p("learned_queries"))
     metrics = measure(block, inputs, settings)
-    result = BlockResult(
+    del block
+    release_memory()
+    return BlockResult(
         name=spec.name, layout=spec.layout, heads=spec.heads, query_dim=spec.query_dim,
         context_dim=spec.context_dim, pre_norm=spec.query_norm is not None,
         qk_norm=spec.q_norm is not None or spec.k_norm is not None, gated=spec.gate is not None,
@@ -130,12 +149,14 @@ def _run_block(ckpt: Checkpoint, spec: BlockSpec, tensors: dict[str, Any], probe
         post_norm=spec.post_norm is not None, key_norm=spec.context_norm is not None,
         heads_source=spec.heads_source, inputs=inputs.label,
     )
-    ctx = BlockContext(result, spec, probe.source, str(settings.dtype).replace("torch.", ""),
-                       ckpt.dtype)
-    findings = run_rules(ctx, opts.thresholds, opts.disabled)
-    del block
-    release_memory()
-    return result, findings, inputs.label
+
+
+def judge_block(result: BlockResult, spec: BlockSpec, probe_source: str, settings: RunSettings,
+                file_dtype: str, opts: Options) -> list[Finding]:
+    """The per-block rules' findings on a measured block."""
+    ctx = BlockContext(result, spec, probe_source, str(settings.dtype).replace("torch.", ""),
+                       file_dtype)
+    return run_rules(ctx, opts.thresholds, opts.disabled)
 
 
 def release_memory() -> None:

@@ -43,6 +43,7 @@ class Symptom(StrEnum):
     GATING = "gating"
     NUMERICS = "numerics"
     ARCHITECTURE = "architecture"
+    VANISHING_GRADIENTS = "vanishing_gradients"  # code group 7: seen only across a live model
 
     @property
     def digit(self) -> int:
@@ -140,6 +141,9 @@ class Metrics:
     output_rms: float | None = None
     max_abs_activation: float | None = None
     backward_queries: int | None = None
+    # model mode and the monitor: the gradients the model's own loss sent into the block
+    real_grad_norm: float | None = None
+    real_grad_norms: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """All metrics as JSON-safe values (non-finite floats become strings)."""
@@ -204,7 +208,7 @@ class CheckpointInfo:
 class ProbeInfo:
     """Where the probe inputs came from, and what was synthesised."""
 
-    source: str  # "file" | "synthetic"
+    source: str  # "file" | "synthetic" | "model" (model mode: the batch a live model ran on)
     path: str | None
     synthesized: list[str] = field(default_factory=list)
 
@@ -222,6 +226,10 @@ class Report:
     findings: list[Finding]
     thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    mode: str = "blocks"  # "blocks" (each block alone on a probe) | "model" (the live model ran)
+    loss: float | None = None  # model mode: the model's own loss on the batch, or the proxy
+    loss_source: str | None = None  # "model" | "proxy" | None (blocks mode)
+    global_grad_norm: float | None = None  # model mode: the whole model's pre-clip grad norm
 
     def counts(self) -> dict[Severity, int]:
         """Number of findings of each severity."""
@@ -254,6 +262,10 @@ class Report:
             },
             "device": self.device,
             "dtype": self.dtype,
+            "mode": self.mode,
+            "loss": _clean(self.loss),
+            "loss_source": self.loss_source,
+            "global_grad_norm": _clean(self.global_grad_norm),
             "blocks": [b.to_json() for b in self.blocks],
             "skipped_blocks": list(self.skipped),
             "findings": [f.to_json() for f in self.findings],

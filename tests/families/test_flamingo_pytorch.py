@@ -223,7 +223,7 @@ def test_diagnose_end_to_end(saved: Path, tmp_path: Path) -> None:
 
 
 def test_capture_probe_then_diagnose(model: torch.nn.Module, saved: Path, tmp_path: Path) -> None:
-    capture = pytest.importorskip("xattn_doctor.capture", reason="capture_probe not available")
+    capture = pytest.importorskip("xattn_doctor.live.capture", reason="capture_probe not available")
     from xattn_doctor.api import diagnose
 
     torch.manual_seed(6)

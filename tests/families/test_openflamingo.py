@@ -276,7 +276,7 @@ def test_diagnose_with_a_probe_matches_library(model: Any, official: Path, tmp_p
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # the library passes past_key_values
 def test_capture_probe_then_diagnose(model: Any, official: Path, tmp_path: Path) -> None:
-    capture = pytest.importorskip("xattn_doctor.capture", reason="capture_probe not available")
+    capture = pytest.importorskip("xattn_doctor.live.capture", reason="capture_probe not available")
     from xattn_doctor.api import diagnose
 
     torch.manual_seed(6)
@@ -301,7 +301,7 @@ def test_capture_probe_fits_a_checkpoint_saved_under_the_other_name(model: Any,
     """A deduplicating save keeps `gated_cross_attn_layers.N`; a probe captured from the live
     model names the block `model.layers.N.gated_cross_attn_layer`. The block's alias joins
     them, so each block still runs on its own captured inputs."""
-    capture = pytest.importorskip("xattn_doctor.capture", reason="capture_probe not available")
+    capture = pytest.importorskip("xattn_doctor.live.capture", reason="capture_probe not available")
     from xattn_doctor.api import diagnose
 
     save_model(model, str(tmp_path / "model.safetensors"))

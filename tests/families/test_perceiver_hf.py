@@ -137,7 +137,7 @@ def test_diagnose_hf_perceiver_with_probe(hf_model: Any, hf_saved: Path, tmp_pat
 
 
 def test_capture_probe_then_diagnose(hf_model: Any, hf_saved: Path, tmp_path: Path) -> None:
-    capture = pytest.importorskip("xattn_doctor.capture", reason="capture_probe not available")
+    capture = pytest.importorskip("xattn_doctor.live.capture", reason="capture_probe not available")
     from xattn_doctor.api import diagnose
 
     torch.manual_seed(7)

@@ -165,7 +165,7 @@ def test_diagnose_perceiver_pytorch_flags_the_scaled_block(lucid_saved: Path,
 
 def test_capture_probe_then_diagnose(lucid: torch.nn.Module, lucid_saved: Path,
                                      tmp_path: Path) -> None:
-    capture = pytest.importorskip("xattn_doctor.capture", reason="capture_probe not available")
+    capture = pytest.importorskip("xattn_doctor.live.capture", reason="capture_probe not available")
     from xattn_doctor.api import diagnose
 
     torch.manual_seed(7)

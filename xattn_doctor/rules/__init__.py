@@ -7,12 +7,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from xattn_doctor._plugins import load
-from xattn_doctor.findings import Finding, Severity
+from xattn_doctor.findings import Finding, Report, Severity
 from xattn_doctor.rules._base import BlockContext, Rule
 
 _RULES: dict[str, Rule] = {}
 _ALIASES: dict[str, str] = {}
-CODE_RE = re.compile(r"^XD[1-6]\d\d$")
+CODE_RE = re.compile(r"^XD[1-7]\d\d$")
 
 
 def register(cls: type[Rule]) -> type[Rule]:
@@ -67,4 +67,21 @@ def run(ctx: BlockContext, thresholds: Mapping[str, Mapping[str, Any]],
     return out
 
 
-__all__ = ["BlockContext", "Rule", "all_rules", "canonical", "get", "register", "run"]
+def run_report(report: Report, thresholds: Mapping[str, Mapping[str, Any]],
+               disabled: frozenset[str] = frozenset()) -> list[Finding]:
+    """All enabled whole-report rules (`rules._report.ReportRule`) on one report."""
+    out: list[Finding] = []
+    for rule in all_rules():
+        check = getattr(rule, "check_report", None)
+        if check is None or rule.code in disabled:
+            continue
+        opts = {**rule.defaults, **thresholds.get(rule.code, {})}
+        for f in check(report, opts):
+            if not rule.fails_build and f.severity is not Severity.INFO:
+                raise AssertionError(f"{rule.code} informs only but gave {f.severity}")
+            out.append(f)
+    return out
+
+
+__all__ = ["BlockContext", "Rule", "all_rules", "canonical", "get", "register", "run",
+           "run_report"]

@@ -22,14 +22,16 @@ class BlockContext:
 
     block: BlockResult
     spec: BlockSpec
-    probe_source: str  # "file" | "synthetic"
+    probe_source: str  # "file" | "synthetic" | "model"
     dtype: str  # the dtype the probe ran in
     checkpoint_dtype: str = "float32"  # the dtype the weights were saved in
 
     @property
     def synthetic(self) -> bool:
-        """True when the block ran on synthetic inputs (no real features)."""
-        return self.probe_source != "file" or self.block.inputs != "probe"
+        """True when the block ran on stand-in inputs (not a probe file's or a live model's
+        real features)."""
+        return self.probe_source not in ("file", "model") or self.block.inputs not in (
+            "probe", "model")
 
 
 class Rule:

@@ -230,6 +230,11 @@ class Report:
     loss: float | None = None  # model mode: the model's own loss on the batch, or the proxy
     loss_source: str | None = None  # "model" | "proxy" | None (blocks mode)
     global_grad_norm: float | None = None  # model mode: the whole model's pre-clip grad norm
+    loss_finite: bool | None = None  # model mode: whether the loss was a finite number
+    cross_attention_grad_norm: float | None = None  # model mode: the blocks' joint grad norm
+    # model mode: the blocks' share of the squared global grad norm (additive over parameters)
+    cross_attention_grad_share: float | None = None
+    notes: list[str] = field(default_factory=list)  # model mode: how it ran (loading, loss)
 
     def counts(self) -> dict[Severity, int]:
         """Number of findings of each severity."""
@@ -266,6 +271,10 @@ class Report:
             "loss": _clean(self.loss),
             "loss_source": self.loss_source,
             "global_grad_norm": _clean(self.global_grad_norm),
+            "loss_finite": self.loss_finite,
+            "cross_attention_grad_norm": _clean(self.cross_attention_grad_norm),
+            "cross_attention_grad_share": _clean(self.cross_attention_grad_share),
+            "notes": list(self.notes),
             "blocks": [b.to_json() for b in self.blocks],
             "skipped_blocks": list(self.skipped),
             "findings": [f.to_json() for f in self.findings],

@@ -132,6 +132,10 @@ def diagnose(
     seed: Annotated[int, typer.Option(help="seed of the synthetic probe and proxy loss")] = 0,
     baseline: Annotated[Optional[Path], typer.Option(help="earlier JSON report: fail only on "
                                                      "findings it does not have")] = None,
+    model: Annotated[Optional[str], typer.Option(help="model mode: auto (the class config.json "
+                     "names) or MODULE:CALLABLE; runs the live model on --batch")] = None,
+    batch: Annotated[Optional[Path], typer.Option(help="model mode: .safetensors of the "
+                     "forward's keyword arguments")] = None,
 ) -> None:
     """Diagnose the cross-attention blocks of one or more checkpoints."""
     with error_boundary():
@@ -143,12 +147,29 @@ def diagnose(
         opts = options.build(raw, where, fail_on=fail_on, heads=heads, device=device,
                              dtype=dtype, seed=seed)
         known = _baseline(baseline)
-        with progress_bar(fmt, output) as tick:
-            reports = api.diagnose(checkpoints, probe=probe, options=opts, progress=tick)
+        if model is not None or batch is not None:
+            reports = [_model_mode(checkpoints, probe, model, batch, opts, output)]
+        else:
+            with progress_bar(fmt, output) as tick:
+                reports = api.diagnose(checkpoints, probe=probe, options=opts, progress=tick)
         text = get(fmt).render(reports, fail_on=opts.fail_on, color=_color(output, fmt))
         _emit(text, output, reports)
         judged = reports if known is None else _only_new(reports, known)
     raise typer.Exit(exit_code(judged, opts.fail_on))
+
+
+def _model_mode(checkpoints: list[Path], probe: Path | None, model: str | None,
+                batch: Path | None, opts: Any, output: Path | None) -> Report:
+    """Model mode's argument checks, then the run (live/model_mode.py)."""
+    if model is None or batch is None:
+        raise DoctorError(None, "model mode needs both --model and --batch")
+    if probe is not None or len(checkpoints) != 1:
+        raise DoctorError(None, "model mode takes one checkpoint and no --probe (the batch is "
+                                "the model's input)")
+    _refuse_overwriting_inputs(output, [batch], None, None)
+    from xattn_doctor.live.model_mode import diagnose_model
+
+    return diagnose_model(checkpoints[0], model, batch, opts)
 
 
 def _baseline(path: Path | None) -> set[tuple[str, str | None]] | None:

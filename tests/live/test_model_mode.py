@@ -94,7 +94,7 @@ def test_seq2seq_matches_the_library(family: str, tmp_path: Path) -> None:
     else:
         cfg = T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
                          num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)
-        model, prefix = T.T5ForConditionalGeneration(cfg), "decoder.block.{}.layer.1"
+        model, prefix = T.T5ForConditionalGeneration(cfg), "decoder.block.{}.layer.1.EncDecAttention"
     model.set_attn_implementation("eager")
     model.eval()
     batch = _seq2seq_batch(64)
@@ -106,3 +106,94 @@ def test_seq2seq_matches_the_library(family: str, tmp_path: Path) -> None:
     assert len(names) == 2
     _check(report, folder, model, batch, dict(zip(names, out.cross_attentions, strict=True)))
     assert names == [prefix.format(i) for i in range(2)]
+
+
+def _blip2(fresh: bool) -> Any:
+    torch.manual_seed(0)
+    vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=8, initializer_range=0.2)
+    qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                   num_attention_heads=4, cross_attention_frequency=2, encoder_hidden_size=24,
+                   vocab_size=100, max_position_embeddings=32, initializer_range=0.2)
+    text = dict(model_type="opt", hidden_size=40, ffn_dim=64, num_hidden_layers=1,
+                num_attention_heads=4, vocab_size=100, max_position_embeddings=64,
+                word_embed_proj_dim=40)
+    cfg = T.Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,
+                        num_query_tokens=4, initializer_range=0.2, image_token_index=99)
+    model = T.Blip2ForConditionalGeneration(cfg)
+    if not fresh:  # transformers initialises them to zeros (the issue's fresh case)
+        with torch.no_grad():
+            model.query_tokens.normal_()
+    model.set_attn_implementation("eager")
+    return model.eval()
+
+
+def _blip2_batch() -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.cat([torch.full((B, 4), 99), torch.randint(3, 90, (B, 6), generator=gen)], 1)
+    return {"pixel_values": torch.randn(B, 3, 16, 16, generator=gen), "input_ids": ids,
+            "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def test_blip2_matches_the_library(tmp_path: Path) -> None:
+    model, batch = _blip2(fresh=False), _blip2_batch()
+    folder, batch_path = _save(model, batch, tmp_path / "blip2")
+    report = diagnose_model(folder, "auto", batch_path, Options(device="cpu", dtype="float32"))
+    names = [f"qformer.encoder.layer.{i}.crossattention" for i in (0, 2)]
+    probs: dict[str, Any] = {}
+    hooks = [model.get_submodule(n).attention.register_forward_hook(
+        lambda m, a, o, n=n: probs.__setitem__(n, o[1])) for n in names]
+    try:
+        out = _library_run(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert report.loss == pytest.approx(float(out.loss.detach()), rel=1e-5)
+    _check(report, folder, model, batch, probs)
+
+
+def test_fresh_blip2_has_no_error_in_model_mode(tmp_path: Path) -> None:
+    """The issue's case: zero query tokens at init failed CI on a stand-in; the real forward
+    feeds the block the self-attended, layer-normed stream, and nothing is an error."""
+    folder, batch_path = _save(_blip2(fresh=True), _blip2_batch(), tmp_path / "fresh")
+    report = diagnose_model(folder, "auto", batch_path, Options(device="cpu", dtype="float32"))
+    assert len(report.blocks) == 2
+    assert [f.code for f in report.findings if f.severity.value == "error"] == []
+
+
+def test_diffusers_unet_with_its_timestep_under_the_proxy_loss(tmp_path: Path) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import AttnProcessor
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=(2, 8), norm_num_groups=8).float().eval()
+    gen = torch.Generator().manual_seed(3)
+    batch = {"sample": torch.randn(B, 4, 8, 8, generator=gen), "timestep": torch.tensor([3, 7]),
+             "encoder_hidden_states": torch.randn(B, LK, 16, generator=gen)}
+    folder, batch_path = _save(unet, batch, tmp_path / "unet")
+    report = diagnose_model(folder, "auto", batch_path, Options(device="cpu", dtype="float32"))
+    assert report.loss_source == "proxy" and any("proxy" in n for n in report.notes)
+    unet.set_attn_processor(AttnProcessor())  # the processor that materialises probabilities
+    probs: dict[str, Any] = {}
+    for b in report.blocks:
+        attn = unet.get_submodule(f"{b.name}.attn2")
+        heads = attn.heads
+
+        def wrapped(q: Any, k: Any, m: Any = None, _s: Any = attn.get_attention_scores,
+                    _n: str = b.name, _h: int = heads) -> Any:
+            p = _s(q, k, m)
+            probs[_n] = p.reshape(B, _h, *p.shape[1:])
+            return p
+
+        attn.get_attention_scores = wrapped
+    unet.zero_grad(set_to_none=True)
+    out = unet(**batch).sample
+    loss = out.float().pow(2).mean()
+    loss.backward()
+    assert report.loss == pytest.approx(float(loss.detach()), rel=1e-5)
+    report.loss_source = "model"  # _check's common assertions, the proxy aside
+    _check(report, folder, unet, batch, probs)

@@ -4,6 +4,7 @@ checked against the forward's signature before anything runs."""
 from __future__ import annotations
 
 import inspect
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,37 @@ FLOAT_ARGS = ("pixel_values", "sample", "encoder_hidden_states", "input_features
 
 
 def forward_params(model: nn.Module) -> tuple[list[str], bool]:
-    """The forward's parameter names, and whether it takes **kwargs."""
-    sig = inspect.signature(model.forward)
+    """The forward's parameter names, and whether it takes any keyword at all (a bare
+    **kwargs; transformers' `**kwargs: Unpack[TypedDict]` takes only that dict's keys)."""
+    try:
+        sig = inspect.signature(model.forward, eval_str=True)
+    except (NameError, TypeError, SyntaxError):
+        sig = inspect.signature(model.forward)
     names = [n for n, p in sig.parameters.items()
              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    takes_any = False
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            typed = _unpacked_keys(p.annotation)
+            if typed is None:
+                takes_any = True
+            else:
+                names += [k for k in typed if k not in names]
     return names, takes_any
+
+
+def _unpacked_keys(annotation: Any) -> list[str] | None:
+    """The keys of `Unpack[SomeTypedDict]`, None for any other annotation."""
+    if getattr(typing.get_origin(annotation), "__name__", "") != "Unpack" \
+            and "Unpack" not in repr(annotation):
+        return None
+    args = typing.get_args(annotation)
+    if not args:
+        return None
+    keys: list[str] = []
+    for klass in reversed(getattr(args[0], "__mro__", (args[0],))):  # a TypedDict's bases
+        keys += [k for k in getattr(klass, "__annotations__", {}) if k not in keys]
+    return keys or None
 
 
 def load_batch(path: Path, model: nn.Module, device: torch.device,

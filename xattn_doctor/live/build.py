@@ -18,7 +18,7 @@ from xattn_doctor.checkpoint import Checkpoint, read_tensor
 from xattn_doctor.errors import UsageError
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "DIFFUSERS_OFFLINE": "1"}
+           "DIFFUSERS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 @dataclass
@@ -62,6 +62,7 @@ def build_auto(ckpt: Checkpoint, dtype: torch.dtype) -> Built:
     except ImportError:
         raise UsageError(None, f"--model auto: {name} is a {lib} class, and {lib} is not "
                                f"installed (pip install {lib})") from None
+    _quiet(module)
     cls = getattr(module, name, None)
     if cls is None:
         raise UsageError(ckpt.config_path, f"{lib} {getattr(module, '__version__', '')} has "
@@ -79,6 +80,14 @@ def build_auto(ckpt: Checkpoint, dtype: torch.dtype) -> Built:
                    list(info.get("unexpected_keys", [])),
                    list(info.get("mismatched_keys", [])))
     return built
+
+
+def _quiet(library: Any) -> None:
+    """No progress bars or load warnings on stderr: the report lists what loading said."""
+    log = getattr(getattr(library, "utils", None), "logging", None)
+    for fn in ("disable_progress_bar", "set_verbosity_error"):
+        if callable(getattr(log, fn, None)):
+            getattr(log, fn)()
 
 
 def build_callable(spec: str, ckpt: Checkpoint, dtype: torch.dtype) -> Built:

@@ -40,8 +40,8 @@ TARGETS = {"wall": 1.5, "rss": 1.3}
 
 def child_build(out: Path, geometry: str) -> None:
     import torch
-    from transformers import MllamaForConditionalGeneration
     from safetensors.torch import save_file
+    from transformers import MllamaForConditionalGeneration
 
     sys.path.insert(0, str(HERE))
     import bench_mllama as bm

@@ -66,6 +66,10 @@ def test_json_report_has_model_mode_keys(bart: tuple[Path, Path], tmp_path: Path
     assert 0 < rep["cross_attention_grad_share"] < 1
     assert [b["inputs"] for b in rep["blocks"]] == ["model", "model"]
     assert all(b["metrics"]["real_grad_norm"] > 0 for b in rep["blocks"])
+    text = _run(folder, "--model", "auto", "--batch", batch, "--device", "cpu",
+                "--fail-on", "never")
+    assert text.exit_code == 0 and text.stderr == ""
+    assert f"model mode: loss {rep['loss']:.4g} (model)" in text.stdout
 
 
 def test_bad_inputs_are_one_line_and_write_nothing(bart: tuple[Path, Path], tmp_path: Path,

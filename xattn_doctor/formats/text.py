@@ -57,6 +57,8 @@ def _report(con: Console, r: Report) -> None:
         con.print(f"probe: {r.probe.path}")
     for s in r.probe.synthesized:
         con.print(f"  synthesised inputs for {s}")
+    if r.mode == "model":
+        _model_mode(con, r)
     con.print(_blocks_table(r))
     _skipped(con, r)
     _findings(con, r.findings)
@@ -64,6 +66,16 @@ def _report(con: Console, r: Report) -> None:
     counts = r.counts()
     con.print(f"[bold]status: {r.status}[/] ({counts[Severity.ERROR]} errors, "
               f"{counts[Severity.WARNING]} warnings, {counts[Severity.INFO]} infos)")
+
+
+def _model_mode(con: Console, r: Report) -> None:
+    """Model mode's run: the loss and where the gradient went (the batch is the probe line)."""
+    share = r.cross_attention_grad_share
+    con.print(f"model mode: loss {num(r.loss)} ({r.loss_source}), global grad norm "
+              f"{num(r.global_grad_norm)}, cross-attention share "
+              f"{'n/a' if share is None else f'{100 * share:.1f} %'}", markup=False)
+    for note in r.notes:
+        con.print(f"  {note}", markup=False)
 
 
 def _blocks_table(r: Report) -> Table:

@@ -39,7 +39,7 @@ def _reference_entropy(p: Any) -> list[float]:
 
 
 def _check(report: Any, folder: Path, model: Any, batch: dict[str, Any],
-           attentions: dict[str, Any]) -> None:
+           attentions: dict[str, Any], live_name: Any = lambda key: key) -> None:
     """Compare the report with the library's own run (already done: grads in `.grad`)."""
     assert report.mode == "model" and report.loss_source == "model" and report.loss_finite
     specs = {s.name: s for s in detect(open_checkpoint(folder).index,
@@ -53,7 +53,7 @@ def _check(report: Any, folder: Path, model: Any, batch: dict[str, Any],
         assert m.head_entropy == pytest.approx(_reference_entropy(p), abs=1e-4)
         assert m.max_attention_weight == pytest.approx(float(p.max()), abs=1e-4)
         for role, ref in specs[block.name].refs():
-            param = params.get(ref.key)
+            param = params.get(live_name(ref.key))
             if param is None or param.grad is None:
                 continue
             g = param.grad if ref.rows is None else param.grad[ref.rows[0]:ref.rows[1]]
@@ -197,3 +197,44 @@ def test_diffusers_unet_with_its_timestep_under_the_proxy_loss(tmp_path: Path) -
     assert report.loss == pytest.approx(float(loss.detach()), rel=1e-5)
     report.loss_source = "model"  # _check's common assertions, the proxy aside
     _check(report, folder, unet, batch, probs)
+
+
+def test_mllama_matches_the_library(tmp_path: Path) -> None:
+    """Llama 3.2 Vision: gated cross-attention layers with q/k norms, GQA and tiled images,
+    saved under transformers 5's legacy prefix (the live model holds them under another)."""
+    torch.manual_seed(0)
+    cfg = T.MllamaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_global_layers=1, attention_heads=4, image_size=28, patch_size=14,
+                           max_num_tiles=2, vision_output_dim=64, intermediate_layers_indices=[0],
+                           supported_aspect_ratios=[[1, 1], [1, 2]]),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         cross_attention_layers=[1, 3], vocab_size=100, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2))
+    model = T.MllamaForConditionalGeneration(cfg).float()
+    model.set_attn_implementation("eager")
+    model.eval()
+    with torch.no_grad():  # open the gates (zero at init)
+        for i in (1, 3):
+            model.model.language_model.layers[i].cross_attn_attn_gate.fill_(0.3 + 0.1 * i)
+    patches = model.model.vision_model.num_patches
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 99, (B, 6), generator=gen)
+    batch = {"input_ids": ids, "labels": ids.clone(),
+             "cross_attention_states": torch.randn(B, 2 * patches, 32, generator=gen),
+             "cross_attention_mask": torch.ones(B, 6, 1, 2, dtype=torch.long)}
+    folder, batch_path = _save(model, batch, tmp_path / "mllama")
+    report = diagnose_model(folder, "auto", batch_path, Options(device="cpu", dtype="float32"))
+    probs: dict[str, Any] = {}
+    saved = "language_model.model.layers.{}"
+    hooks = [model.model.language_model.layers[i].cross_attn.register_forward_hook(
+        lambda m, a, o, i=i: probs.__setitem__(saved.format(i), o[1])) for i in (1, 3)]
+    try:
+        out = _library_run(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert report.loss == pytest.approx(float(out.loss.detach()), rel=1e-5)
+    _check(report, folder, model, batch, probs,
+           lambda key: key.replace("language_model.model.", "model.language_model.", 1))
